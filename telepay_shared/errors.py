@@ -88,3 +88,66 @@ class TokenRejected(Unauthorized):
 
 class ConfigError(Exception):
     """The service's declared configuration is missing or malformed; raised at start-up only."""
+
+
+class ChangeNowUnavailable(TransientError):
+    """ChangeNOW did not answer usefully (5xx, timeout, connection error): Cloud Tasks retries later."""
+
+    code = "changenow_unavailable"
+
+
+class ChangeNowBadResponse(ChangeNowUnavailable):
+    """ChangeNOW answered 2xx with a body we cannot use (not JSON, or no id/payinAddress/status)."""
+
+    code = "changenow_bad_response"
+
+
+class ChangeNowAuthFailed(TransientError):
+    """ChangeNOW refused our API key (401/403); transient on purpose so tasks survive until the secret is fixed."""
+
+    code = "changenow_auth_failed"
+
+
+class ChangeNowRateLimited(RateLimited):
+    """ChangeNOW kept answering 429 within our wait budget; `retry_after_s` is its last Retry-After."""
+
+    code = "changenow_rate_limited"
+
+
+class ChangeNowRejected(PermanentError):
+    """ChangeNOW refused the request itself (bad params, inactive pair, amount out of range)."""
+
+    code = "changenow_rejected"
+
+    def __init__(self, message: str = "", changenow_error: str = "", changenow_message: str = "", **details):
+        super().__init__(message, **details)
+        self.changenow_error = changenow_error
+        self.changenow_message = changenow_message
+
+
+class ChangeNowNotFound(NotFound):
+    """ChangeNOW does not know the exchange id."""
+
+    code = "changenow_not_found"
+
+
+class TaskEnqueueFailed(TransientError):
+    """Cloud Tasks did not accept a task for a reason that may pass (unavailable, quota, timeout)."""
+
+    code = "task_enqueue_failed"
+
+
+class DatabaseUnavailable(TransientError):
+    """The database cannot be reached or no pooled connection came free in time; retry later."""
+
+    code = "database_unavailable"
+
+
+class DuplicateRecord(Conflict):
+    """A write hit a unique constraint; `constraint` names it so callers can tell which key repeated."""
+
+    code = "duplicate_record"
+
+    def __init__(self, message: str = "", constraint: str | None = None, **details):
+        super().__init__(message, constraint=constraint, **details)
+        self.constraint = constraint

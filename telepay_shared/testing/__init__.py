@@ -1,0 +1,1 @@
+"""Test harnesses shared by the services' tests (local emulators and recorders); never imported in production."""

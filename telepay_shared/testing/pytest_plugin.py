@@ -1,0 +1,88 @@
+"""pytest fixtures every service's tests share: real Cloud Tasks emulator, delivery recorder,
+ChangeNOW stand-in, and a service environment wired to them.
+
+A service test module opts in with ``pytest_plugins = ["telepay_shared.testing.pytest_plugin"]``.
+The keys are the legacy golden-vector keys, so tokens minted by the legacy code verify here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from telepay_shared.cloudtasks import TasksClient
+from telepay_shared.config import load_config
+from telepay_shared.standins.changenow import ChangeNowStandIn
+from telepay_shared.testing.tasks_emulator import DeliveryRecorder, TasksEmulator
+
+TEST_PROJECT, TEST_LOCATION = "telepay-test", "us-central1"
+VECTORS_PATH = Path(__file__).parent.parent.parent / "testdata" / "token-vectors.json"
+VECTORS = json.loads(VECTORS_PATH.read_text())
+KEYS = dict(VECTORS["keys"])
+CHANGENOW_TEST_KEY = "test-changenow-api-key"
+
+
+@pytest.fixture(scope="session")
+def tasks_emulator():
+    """One Cloud Tasks emulator for the whole test session."""
+    with TasksEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def deliveries():
+    """An HTTP receiver standing in for the next hop; records every task delivered to it."""
+    with DeliveryRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def changenow():
+    """A ChangeNOW v2 stand-in on 127.0.0.1."""
+    with ChangeNowStandIn(api_key=CHANGENOW_TEST_KEY) as standin:
+        yield standin
+
+
+@pytest.fixture
+def tasks(tasks_emulator):
+    """The real Cloud Tasks client, talking to the emulator."""
+    return TasksClient(TEST_PROJECT, TEST_LOCATION, emulator_host=tasks_emulator.host)
+
+
+@pytest.fixture
+def service_env(tasks, tasks_emulator):
+    """Build a service's environment: test keys, the emulator, and every declared queue created.
+
+    Call it with the service_config.json path and the values the test wants to set; queues the
+    declaration names are created on the emulator with their default ids.
+    """
+
+    def build(declaration: Path, **values: str) -> dict[str, str]:
+        declared = json.loads(Path(declaration).read_text())
+        env = {
+            "CLOUD_TASKS_PROJECT_ID": TEST_PROJECT,
+            "CLOUD_TASKS_LOCATION": TEST_LOCATION,
+            "CLOUD_TASKS_EMULATOR_HOST": tasks_emulator.host,
+            "CHANGENOW_API_KEY": CHANGENOW_TEST_KEY,
+            "TP_AUTH_MODE": "none",
+            **KEYS,
+        }
+        for name, default_queue in (declared.get("queues") or {}).items():
+            env.setdefault(name, default_queue or name.lower().replace("_", "-"))
+        env.update(values)
+        for name in declared.get("queues") or {}:
+            tasks.ensure_queue(env[name])
+        return env
+
+    return build
+
+
+@pytest.fixture
+def load_service_config():
+    """load_config over an explicit environment (never the test process's own)."""
+
+    def load(declaration: Path, env: dict[str, str]):
+        return load_config(declaration, environ=env)
+
+    return load

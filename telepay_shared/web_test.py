@@ -1,0 +1,565 @@
+"""Tests of telepay_shared.web: error mapping, bodies, health, HMAC/OIDC auth, JSON logs, gunicorn."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import crypt, jwt
+
+from telepay_shared import web
+from telepay_shared.config import Config, Secret
+from telepay_shared.errors import (
+    BadRequest, ConfigError, Conflict, NotFound, RateLimited, TokenRejected, TransientError, Unauthorized,
+)
+
+AUDIENCE = "https://gcsplit1-abc-uc.a.run.app"
+TASKS_EMAIL = "cloud-tasks@telepay-test.iam.gserviceaccount.com"
+HMAC_KEY = "webhook-signing-key-0123456789"
+DB_PASSWORD = "db-password-hunter2"
+TRACE_ID = "105445aa7843bc8bf206b12000100000"
+
+
+def private_pem(key) -> bytes:
+    """Serializes an RSA private key as PEM."""
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def google_key():
+    """The RSA key standing in for Google's ID-token signing key."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class StandInCertsEndpoint:
+    """Answers Google's certs URL like google-auth's transport, from locally held public keys."""
+
+    def __init__(self, keys: dict, status: int = 200):
+        self.body = json.dumps({kid: key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+            for kid, key in keys.items()}).encode()
+        self.status = status
+        self.calls: list[str] = []
+
+    def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
+        self.calls.append(url)
+        return SimpleNamespace(status=self.status, data=self.body, headers={})
+
+
+def mint(key, kid="google-1", **overrides) -> str:
+    """Mints an RS256 ID token shaped like the ones Cloud Tasks sends."""
+    now = int(time.time())
+    claims = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "sub": "1234567890", "iat": now,
+              "exp": now + 3600, "email": TASKS_EMAIL, "email_verified": True, **overrides}
+    signer = crypt.RSASigner.from_string(private_pem(key), key_id=kid)
+    return jwt.encode(signer, claims).decode()
+
+
+@pytest.fixture
+def log_stream():
+    """Installs the JSON logger on a buffer and removes it afterwards."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    handler = web.configure_logging("probe", [Secret("DB", DB_PASSWORD), HMAC_KEY], project_id="telepay-test",
+                                    stream=stream)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def log_lines(stream) -> list[dict]:
+    """Parses every line written by the JSON logger (each must be one JSON object)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def certs(google_key):
+    return StandInCertsEndpoint({"google-1": google_key})
+
+
+def build_app(certs_transport, **create_options):
+    """A probe service with one route per behaviour under test."""
+    app = web.create_app("probe", **create_options)
+    oidc = web.AuthPolicy("oidc", (AUDIENCE,), (TASKS_EMAIL,), certs_transport=certs_transport)
+    signed = web.AuthPolicy("hmac", hmac_secret=Secret("KEY", HMAC_KEY))
+    either = web.AuthPolicy("oidc_or_hmac", (AUDIENCE,), (TASKS_EMAIL,), HMAC_KEY, certs_transport=certs_transport)
+    failures = {
+        "bad_request": BadRequest("amount must be positive", field="amount", status="ignored"),
+        "token": TokenRejected("expired", "token is too old"),
+        "rate": RateLimited("ChangeNOW asks us to wait", retry_after_s=2.2),
+        "rate_unknown": RateLimited("slow down"),
+        "transient": TransientError("database unavailable"),
+        "not_found": NotFound("no such exchange", cn_api_id="abc123"),
+        "conflict": Conflict("already processed", payout_id=SimpleNamespace(id=7)),
+        "crash": RuntimeError(f"connect failed with password {DB_PASSWORD}"),
+    }
+
+    @app.get("/fail/<kind>")
+    def fail(kind):
+        raise failures[kind]
+
+    @app.post("/echo")
+    def echo():
+        body = web.json_body()
+        user_id, wallet = web.require_fields(body, "user_id", "wallet")
+        return {"user_id": user_id, "wallet": wallet, "amount": body.get("amount")}
+
+    @app.post("/log")
+    def log_route():
+        web.bind_log_context(payment_id="np-42")
+        logging.getLogger("probe.route").info("processing payout", extra={"unique_id": "UNQ123"})
+        return {"status": "ok"}
+
+    for path, policy in (("/oidc", oidc), ("/hmac", signed), ("/either", either), ("/open", web.AuthPolicy("none"))):
+        app.add_url_rule(path, path, policy.required(lambda: {"status": "ok", **flask_g_context()}), methods=["POST"])
+    return app
+
+
+def flask_g_context() -> dict:
+    """Returns the authenticated caller recorded in the request's log context."""
+    import flask
+
+    return {k: v for k, v in flask.g.telepay_log_context.items() if k in ("auth", "caller")}
+
+
+@pytest.fixture
+def client(certs):
+    return build_app(certs).test_client()
+
+
+# ---------------------------------------------------------------- error mapping
+
+
+@pytest.mark.parametrize(
+    "kind, status, code, message, details",
+    [
+        ("bad_request", 400, "bad_request", "amount must be positive", {"field": "amount"}),
+        ("token", 401, "token_rejected", "token is too old", {"reason": "expired"}),
+        ("rate", 429, "rate_limited", "ChangeNOW asks us to wait", {}),
+        ("transient", 503, "unavailable", "database unavailable", {}),
+        ("not_found", 404, "not_found", "no such exchange", {"cn_api_id": "abc123"}),
+        ("conflict", 409, "conflict", "already processed", {"payout_id": "namespace(id=7)"}),
+    ],
+)
+def test_typed_errors_map_to_their_status_and_json(client, kind, status, code, message, details):
+    response = client.get(f"/fail/{kind}")
+    assert response.status_code == status
+    assert response.get_json() == {"status": "error", "error": code, "message": message, **details}
+    assert list(response.get_json())[:3] == ["status", "error", "message"]
+
+
+def test_rate_limited_answers_retry_after_rounded_up_or_the_queue_backoff(client):
+    assert client.get("/fail/rate").headers["Retry-After"] == "3"
+    assert client.get("/fail/rate_unknown").headers["Retry-After"] == str(web.DEFAULT_RETRY_AFTER_S)
+    assert "Retry-After" not in client.get("/fail/transient").headers
+
+
+def test_unexpected_exception_is_a_bare_500_and_its_traceback_is_logged_redacted(client, log_stream):
+    response = client.get("/fail/crash")
+    assert response.status_code == 500
+    assert response.get_json() == {"status": "error", "error": "internal_error", "message": "internal error"}
+    assert DB_PASSWORD not in response.get_data(as_text=True) and "Traceback" not in response.get_data(as_text=True)
+    [line] = [entry for entry in log_lines(log_stream) if entry["severity"] == "ERROR"]
+    assert "RuntimeError: connect failed with password ***" in line["stack_trace"]
+    assert DB_PASSWORD not in log_stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "method, path, status, code, allowed",
+    [("get", "/no-such-route", 404, "not_found", None), ("get", "/echo", 405, "method_not_allowed", "POST"),
+     ("delete", "/health", 405, "method_not_allowed", "GET")],
+)
+def test_werkzeug_errors_use_the_same_json_shape(client, method, path, status, code, allowed):
+    response = getattr(client, method)(path)
+    assert response.status_code == status and response.is_json
+    assert response.get_json()["status"] == "error" and response.get_json()["error"] == code
+    assert (allowed is None) == ("Allow" not in response.headers)
+    assert allowed is None or allowed in response.headers["Allow"]
+
+
+def test_oversize_body_is_refused_with_413_json(certs):
+    client = build_app(certs, max_body_bytes=1024).test_client()
+    response = client.post("/echo", json={"user_id": 1, "wallet": "0xabc", "pad": "x" * 2000})
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "payload_too_large"
+    assert client.post("/echo", json={"user_id": 1, "wallet": "0xabc", "pad": "x" * 100}).status_code == 200
+    # Refused before any view runs, even one that never reads its body.
+    assert client.post("/log", data="x" * 2000, content_type="text/plain").status_code == 413
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+@pytest.mark.parametrize(
+    "data, content_type, reason",
+    [
+        ('{"user_id": 1}', "text/plain", "expected Content-Type: application/json"),
+        ("", None, "expected Content-Type: application/json"),
+        ('{"user_id": 1,', "application/json", "request body is not valid JSON"),
+        ("", "application/json", "request body is not valid JSON"),
+        ('{"amount": NaN}', "application/json", "request body is not valid JSON"),
+        ("[1, 2]", "application/json", "JSON body must be an object, not an array"),
+        ("null", "application/json", "JSON body must be an object, not null"),
+        ('"text"', "application/json", "JSON body must be an object, not a string"),
+        ("12.5", "application/json", "JSON body must be an object, not a number"),
+        ('{"user_id": 7}', "application/json", "missing required fields: wallet"),
+        ('{"wallet": "  ", "user_id": null}', "application/json", "missing required fields: user_id, wallet"),
+    ],
+)
+def test_bad_bodies_answer_400_with_the_reason(client, data, content_type, reason):
+    response = client.post("/echo", data=data, content_type=content_type)
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "bad_request" and response.get_json()["message"] == reason
+
+
+def test_missing_fields_are_listed_in_the_body(client):
+    response = client.post("/echo", json={"amount": 1})
+    assert response.get_json()["missing"] == ["user_id", "wallet"]
+
+
+def test_good_body_keeps_amounts_exact(client):
+    response = client.post("/echo", data='{"user_id": 0, "wallet": "0xabc", "amount": 0.1000000000000000055511}',
+                           content_type="application/json; charset=utf-8")
+    assert response.status_code == 200
+    assert response.get_json() == {"user_id": 0, "wallet": "0xabc", "amount": "0.1000000000000000055511"}
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_health_reports_each_check_and_degrades_to_503(certs):
+    def database_down():
+        raise ConnectionError(f"password {DB_PASSWORD} refused")
+
+    healthy = build_app(certs, health_checks={"database": lambda: True, "tasks": lambda: None}).test_client()
+    response = healthy.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "healthy", "service": "probe",
+                                   "checks": {"database": "ok", "tasks": "ok"}}
+    degraded = build_app(certs, health_checks={"database": database_down, "tasks": lambda: False, "ok": lambda: 1})
+    response = degraded.test_client().get("/health")
+    assert response.status_code == 503
+    assert response.get_json() == {"status": "degraded", "service": "probe",
+                                   "checks": {"database": "fail", "tasks": "fail", "ok": "ok"}}
+    assert DB_PASSWORD not in response.get_data(as_text=True)
+    assert build_app(certs).test_client().get("/health").get_json()["checks"] == {}
+
+
+# ---------------------------------------------------------------- HMAC
+
+
+def signed_post(client, path, body: bytes, key=HMAC_KEY, algorithm="sha256", header="X-Webhook-Signature", **headers):
+    """POSTs body with an HMAC header computed with key."""
+    signature = hmac.new(key.encode(), body, algorithm).hexdigest()
+    return client.post(path, data=body, content_type="application/json", headers={header: signature, **headers})
+
+
+def test_hmac_accepts_a_correct_signature_in_any_hex_case(client):
+    body = b'{"user_id": 1}'
+    assert signed_post(client, "/hmac", body).get_json() == {"status": "ok", "auth": "hmac"}
+    upper = hmac.new(HMAC_KEY.encode(), body, "sha256").hexdigest().upper()
+    response = client.post("/hmac", data=body, content_type="application/json",
+                           headers={"X-Webhook-Signature": upper})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ({}, "missing X-Webhook-Signature header"),
+        ({"X-Webhook-Signature": "   "}, "missing X-Webhook-Signature header"),
+        ({"X-Webhook-Signature": "00" * 32}, "X-Webhook-Signature does not match the request body"),
+        ({"X-Webhook-Signature": "zz-not-hex-ü"}, "X-Webhook-Signature does not match the request body"),
+        ({"X-Webhook-Signature": hmac.new(b"other-key", b'{"user_id": 1}', "sha256").hexdigest()},
+         "X-Webhook-Signature does not match the request body"),
+        ({"X-Webhook-Signature": hmac.new(HMAC_KEY.encode(), b'{"user_id": 2}', "sha256").hexdigest()},
+         "X-Webhook-Signature does not match the request body"),
+    ],
+)
+def test_hmac_rejects_missing_or_wrong_signatures(client, headers, message):
+    response = client.post("/hmac", data=b'{"user_id": 1}', content_type="application/json", headers=headers)
+    assert response.status_code == 401
+    assert response.get_json() == {"status": "error", "error": "unauthorized", "message": message}
+
+
+def test_verify_hmac_header_supports_other_algorithms_and_refuses_an_empty_key(certs):
+    app = build_app(certs)
+    body = b'{"payment_id": 1}'
+    signature = hmac.new(b"ipn-secret", body, hashlib.sha512).hexdigest()
+    with app.test_request_context("/", method="POST", data=body, headers={"x-nowpayments-sig": signature}):
+        web.verify_hmac_header(b"ipn-secret", "x-nowpayments-sig", "sha512")
+        with pytest.raises(Unauthorized):
+            web.verify_hmac_header(b"ipn-secret", "x-nowpayments-sig", "sha256")
+        with pytest.raises(ValueError, match="HMAC key is empty"):
+            web.verify_hmac_header("", "x-nowpayments-sig", "sha512")
+
+
+# ---------------------------------------------------------------- OIDC
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_oidc_accepts_a_cloud_tasks_token(client, google_key):
+    response = client.post("/oidc", headers=bearer(mint(google_key)))
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "auth": "oidc", "caller": TASKS_EMAIL}
+
+
+@pytest.mark.parametrize(
+    "claims, logged",
+    [
+        ({"exp": int(time.time()) - 120, "iat": int(time.time()) - 3720}, "expired"),
+        ({"iat": int(time.time()) + 600, "exp": int(time.time()) + 4200}, "too early"),
+        ({"aud": "https://attacker.example.com"}, "audience"),
+        ({"iss": "https://issuer.example.com"}, "issuer"),
+    ],
+)
+def test_oidc_rejects_invalid_claims(client, google_key, log_stream, claims, logged):
+    response = client.post("/oidc", headers=bearer(mint(google_key, **claims)))
+    assert response.status_code == 401
+    assert response.get_json() == {"status": "error", "error": "unauthorized", "message": "identity token rejected"}
+    assert any(logged in line["message"].lower() for line in log_lines(log_stream))
+
+
+@pytest.mark.parametrize(
+    "claims", [{"email": "intruder@evil.iam.gserviceaccount.com"}, {"email_verified": False}, {"email": None}]
+)
+def test_oidc_rejects_callers_not_allowed(client, google_key, claims):
+    response = client.post("/oidc", headers=bearer(mint(google_key, **claims)))
+    assert response.status_code == 401 and response.get_json()["message"] == "caller is not allowed"
+
+
+def test_oidc_rejects_a_token_signed_by_another_key(client):
+    forged = mint(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    assert client.post("/oidc", headers=bearer(forged)).status_code == 401
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}])
+def test_oidc_requires_a_bearer_header(client, headers):
+    response = client.post("/oidc", headers=headers)
+    assert response.status_code == 401
+    assert response.get_json()["message"] == "missing Authorization: Bearer identity token"
+
+
+def test_malformed_token_is_rejected_without_being_logged(client, log_stream):
+    token = "eyJhbGciOiJSUzI1NiJ9.only-two-segments-secretish"
+    assert client.post("/oidc", headers=bearer(token)).status_code == 401
+    assert token not in log_stream.getvalue() and "identity token rejected" in log_stream.getvalue()
+
+
+def test_unreachable_google_certs_are_transient(google_key):
+    client = build_app(StandInCertsEndpoint({}, status=503)).test_client()
+    response = client.post("/oidc", headers=bearer(mint(google_key)))
+    assert response.status_code == 503 and response.get_json()["error"] == "unavailable"
+
+
+def test_certs_are_cached_until_their_ttl(certs, google_key):
+    now = [1000.0]
+    cached = web.CachedCertsTransport(certs, ttl_s=60, clock=lambda: now[0])
+    client = build_app(cached).test_client()
+    for _ in range(3):
+        assert client.post("/oidc", headers=bearer(mint(google_key))).status_code == 200
+    assert len(certs.calls) == 1
+    now[0] += 61
+    assert client.post("/oidc", headers=bearer(mint(google_key))).status_code == 200
+    assert len(certs.calls) == 2
+
+
+def test_oidc_or_hmac_accepts_either_and_lists_both_reasons(client, google_key):
+    body = b'{"user_id": 1}'
+    assert client.post("/either", headers=bearer(mint(google_key))).get_json()["auth"] == "oidc"
+    assert signed_post(client, "/either", body).get_json()["auth"] == "hmac"
+    response = signed_post(client, "/either", body, key="wrong", **bearer(mint(google_key, aud="https://x")))
+    assert response.status_code == 401
+    assert response.get_json()["message"] == (
+        "identity token rejected; X-Webhook-Signature does not match the request body")
+    assert client.post("/open").get_json() == {"status": "ok", "auth": "none"}
+
+
+def test_auth_policy_is_validated_at_start_up():
+    with pytest.raises(ConfigError, match="TP_AUTH_MODE must be one of oidc, hmac, oidc_or_hmac, none"):
+        web.AuthPolicy("iam")
+    with pytest.raises(ConfigError, match="oidc needs TP_OIDC_AUDIENCES; oidc needs TP_OIDC_ALLOWED_EMAILS"):
+        web.AuthPolicy("oidc")
+    with pytest.raises(ConfigError, match="hmac needs a signing key"):
+        web.AuthPolicy("oidc_or_hmac", (AUDIENCE,), (TASKS_EMAIL,), hmac_secret=Secret("K", ""))
+    with pytest.raises(ConfigError, match="unknown HMAC algorithm"):
+        web.AuthPolicy("hmac", hmac_secret=b"k", hmac_algorithm="md4x")
+
+
+def test_auth_policy_from_config_reads_the_documented_switch():
+    config = Config("probe", {"TP_AUTH_MODE": "oidc_or_hmac", "TP_OIDC_AUDIENCES": (AUDIENCE,),
+                              "TP_OIDC_ALLOWED_EMAILS": (TASKS_EMAIL,), "KEY": Secret("KEY", HMAC_KEY)})
+    policy = web.AuthPolicy.from_config(config, hmac_secret=config.KEY, hmac_header="X-Signature")
+    assert (policy.mode, policy.audiences, policy.allowed_emails, policy.hmac_header) == (
+        "oidc_or_hmac", (AUDIENCE,), (TASKS_EMAIL,), "X-Signature")
+    assert HMAC_KEY not in repr(policy)
+    with pytest.raises(ConfigError, match="oidc needs TP_OIDC_AUDIENCES"):
+        web.AuthPolicy.from_config(Config("probe", {}))  # undeclared switch defaults to oidc
+
+
+# ---------------------------------------------------------------- logging
+
+
+def test_log_lines_are_cloud_logging_json_with_request_ids(client, log_stream):
+    headers = {"X-Cloud-Trace-Context": f"{TRACE_ID}/12345;o=1", "X-CloudTasks-TaskName": "task-7",
+               "X-CloudTasks-QueueName": "gcsplit-webhook-queue", "X-CloudTasks-TaskRetryCount": "2"}
+    assert client.post("/log", headers=headers).status_code == 200
+    [line] = [entry for entry in log_lines(log_stream) if entry["message"] == "processing payout"]
+    assert line["severity"] == "INFO" and line["service"] == "probe" and line["logger"] == "probe.route"
+    assert line["time"].endswith("Z") and line["unique_id"] == "UNQ123" and line["payment_id"] == "np-42"
+    assert line["logging.googleapis.com/trace"] == f"projects/telepay-test/traces/{TRACE_ID}"
+    assert line["logging.googleapis.com/spanId"] == "12345" and line["logging.googleapis.com/trace_sampled"] is True
+    ids = (line["task_name"], line["queue_name"], line["task_retry_count"])
+    assert ids == ("task-7", "gcsplit-webhook-queue", "2")
+    assert line["logging.googleapis.com/sourceLocation"]["function"] == "log_route"
+
+
+def test_log_lines_without_trace_header_or_project(certs):
+    stream = io.StringIO()
+    handler = web.configure_logging("probe", stream=stream)
+    try:
+        client = build_app(certs).test_client()
+        client.post("/log")
+        client.post("/log", headers={"X-Cloud-Trace-Context": f"{TRACE_ID}/1;o=0"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    first, second = [entry for entry in log_lines(stream) if entry["message"] == "processing payout"]
+    assert "logging.googleapis.com/trace" not in first and "task_name" not in first
+    assert second["logging.googleapis.com/trace"] == TRACE_ID
+    assert second["logging.googleapis.com/trace_sampled"] is False
+
+
+def test_secrets_are_redacted_from_message_extras_and_args(log_stream):
+    logger = logging.getLogger("probe.redaction")
+    logger.warning("dsn=postgres://app:%s@10.0.0.1/db", DB_PASSWORD,
+                   extra={"headers": {"X-Key": HMAC_KEY}, "attempts": [HMAC_KEY, 3], "amount": Decimal("0.1")})
+    logger.critical("nan check", extra={"ratio": float("nan")})
+    logger.debug("not shown at INFO")
+    warning, critical = log_lines(log_stream)
+    assert warning["severity"] == "WARNING" and warning["message"] == "dsn=postgres://app:***@10.0.0.1/db"
+    assert warning["headers"] == {"X-Key": "***"} and warning["attempts"] == ["***", 3] and warning["amount"] == "0.1"
+    assert critical["severity"] == "CRITICAL" and critical["ratio"] == "nan"
+    assert DB_PASSWORD not in log_stream.getvalue() and HMAC_KEY not in log_stream.getvalue()
+
+
+def test_configure_logging_replaces_its_previous_handler(log_stream):
+    root = logging.getLogger()
+    second = web.configure_logging("probe", stream=io.StringIO())
+    try:
+        assert [h for h in root.handlers if getattr(h, "telepay_json", False)] == [second]
+    finally:
+        root.removeHandler(second)
+
+
+# ---------------------------------------------------------------- serving
+
+
+def test_gunicorn_options_follow_cloud_run():
+    options = web.gunicorn_options({"PORT": "9090"}, threads=4)
+    assert options["bind"] == "0.0.0.0:9090" and options["workers"] == 1 and options["threads"] == 4
+    assert options["timeout"] == 0 and options["worker_class"] == "gthread"
+    assert web.gunicorn_options({})["bind"] == "0.0.0.0:8080"
+    for port in ("http", "0", "70000", "-1"):
+        with pytest.raises(ConfigError, match="PORT: malformed"):
+            web.gunicorn_options({"PORT": port})
+
+
+SERVER_SCRIPT = """
+import sys
+from telepay_shared import web
+from telepay_shared.errors import ConfigError
+
+def factory():
+    if sys.argv[1] == "broken":
+        raise ConfigError("probe configuration is invalid (1 problem)")
+    return web.create_app("probe")
+
+web.serve(factory, service_name="probe", dev_server=sys.argv[1] == "dev")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(tmp_path, mode: str, port: int) -> subprocess.Popen:
+    """Starts the serve() entry point in a subprocess with this test's sys.path."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER_SCRIPT, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("TP_DEV_SERVER", "XDG_RUNTIME_DIR")}
+    env.update(PORT=str(port), PYTHONPATH=os.pathsep.join(p for p in sys.path if p), HOME=str(tmp_path))
+    return subprocess.Popen([sys.executable, str(script), mode], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_health(server: subprocess.Popen, port: int, deadline_s: float = 20) -> requests.Response:
+    """Polls /health until it answers, the server dies or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError(f"server did not answer /health (exit code {server.poll()})")
+
+
+def stop(server: subprocess.Popen) -> tuple[str, str]:
+    """Stops the server (SIGTERM, then SIGKILL) and returns its output."""
+    server.terminate()
+    try:
+        return server.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return server.communicate(timeout=5)
+
+
+@pytest.mark.parametrize("mode, server_header", [("gunicorn", "gunicorn"), ("dev", "Werkzeug")])
+def test_serve_answers_health_on_port(tmp_path, mode, server_header):
+    port = free_port()
+    server = start_server(tmp_path, mode, port)
+    try:
+        response = wait_for_health(server, port)
+    finally:
+        stdout, stderr = stop(server)
+    assert response.status_code == 200 and response.json()["status"] == "healthy"
+    assert response.headers["Server"].startswith(server_header), (stdout, stderr)
+    if mode == "gunicorn":
+        entries = [json.loads(line) for line in stdout.splitlines()]
+        assert any("Listening at: http://0.0.0.0:%d" % port in e["message"] for e in entries), stdout
+        assert all(e["service"] == "probe" and e["severity"] for e in entries)
+        assert not (tmp_path / ".gunicorn").exists()  # no control socket on Cloud Run
+
+
+def test_serve_exits_when_the_factory_fails(tmp_path):
+    server = start_server(tmp_path, "broken", free_port())
+    try:
+        stdout, stderr = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            stop(server)
+    assert server.returncode != 0
+    assert "probe configuration is invalid (1 problem)" in stdout + stderr
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
