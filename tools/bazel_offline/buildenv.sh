@@ -7,14 +7,17 @@
 #   sid/.telepay-ready  hash of the recipe the root was last completed for
 #   tmp.*         a half-built root of an interrupted run; removed by the next run
 # The package layer is re-applied whenever the recipe (packages.txt, bootstrap-wheels.txt,
-# this file) changes, and it is idempotent, so an interrupted run is finished by the next one.
+# buildenv_layer_version) changes, and it is idempotent, so an interrupted run is finished by the next one.
 
 buildenv_dir=${TELEPAY_BUILDENV_DIR:-/var/cache/telepay-buildenv}
 buildenv_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 
+# Bump when _buildenv_layer changes what it puts into the root.
+readonly buildenv_layer_version=2
+
 _buildenv_recipe_hash() {
-  cat "$buildenv_here/packages.txt" "$buildenv_here/bootstrap-wheels.txt" \
-      "$buildenv_here/buildenv.sh" | sha256sum | cut -c1-16
+  { echo "$buildenv_layer_version"; cat "$buildenv_here/packages.txt" "$buildenv_here/bootstrap-wheels.txt"; } \
+    | sha256sum | cut -c1-16
 }
 
 _buildenv_packages() { sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$buildenv_here/packages.txt"; }
@@ -32,6 +35,9 @@ _buildenv_mirror() {
   echo "$uri"
 }
 
+# Bazel's output user root (--output_user_root): beside the root, not in it.
+buildenv_outputs() { echo "$buildenv_dir/outputs"; }
+
 # Run a command inside the root, in a private mount namespace: /proc, /dev, /sys and the given
 # workspace are mounted there and vanish with the namespace.
 buildenv_exec() {
@@ -45,15 +51,18 @@ buildenv_exec() {
   while IFS= read -r name; do keep+=("$name=${!name}"); done < <(compgen -e | grep -E '^TELEPAY_' || true)
   exec unshare --mount --propagation private -- /bin/bash -c '
     set -e
-    root=$1 ws=$2 cwd=$3; shift 3
+    root=$1 ws=$2 cwd=$3 outputs=$4; shift 4
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
     mount --rbind /sys "$root/sys"
     if [[ -n "$ws" ]]; then mkdir -p "$root$ws"; mount --bind "$ws" "$root$ws"; fi
+    # Bazel outputs live outside the root at the same absolute path inside and out, so the
+    # bazel-bin / bazel-testlogs links in the workspace work from the host too.
+    mkdir -p "$root$outputs" "$outputs"; mount --bind "$outputs" "$root$outputs"
     n=$1; shift
     env=("${@:1:$n}"); shift "$n"
     exec chroot "$root" /usr/bin/env -i "${env[@]}" /bin/sh -c "cd \"\$0\" && exec \"\$@\"" "$cwd" "$@"
-  ' _ "$root" "$ws" "$cwd" "${#keep[@]}" "${keep[@]}" "$@"
+  ' _ "$root" "$ws" "$cwd" "$(buildenv_outputs)" "${#keep[@]}" "${keep[@]}" "$@"
 }
 
 _buildenv_in() {  # run a bootstrap step inside the root, without the workspace, as a child
@@ -72,6 +81,7 @@ _buildenv_base() {  # debootstrap into a temporary folder, then move it into pla
   mirror=$(_buildenv_mirror)
   rm -rf "$buildenv_dir"/tmp.*
   tmp=$(mktemp -d "$buildenv_dir/tmp.XXXXXX")
+  chmod 755 "$tmp"  # it becomes "/": unprivileged users inside (PostgreSQL) must traverse it
   log="$buildenv_dir/debootstrap.log"
   say "debootstrap sid from $mirror into $tmp (about a minute; log: $log)"
   if ! debootstrap --variant=minbase --include=ca-certificates sid "$tmp" "$mirror" >"$log" 2>&1; then
@@ -86,6 +96,7 @@ _buildenv_base() {  # debootstrap into a temporary folder, then move it into pla
 _buildenv_layer() {  # packages, certificates and Bazel settings; idempotent
   local root=$1 stamp=$2 pkgs
   mkdir -p "$root/etc/apt/apt.conf.d" "$root/usr/local/share/ca-certificates" "$root/opt/telepay"
+  chmod 755 "$root"
   # The mirror is a frozen snapshot whose sid Release file is past its Valid-Until date.
   echo 'Acquire::Check-Valid-Until "false";' >"$root/etc/apt/apt.conf.d/99telepay-no-valid-until"
   # Outbound TLS may pass an inspecting proxy: trust what the host trusts.
@@ -127,13 +138,13 @@ _buildenv_layer() {  # packages, certificates and Bazel settings; idempotent
 # Print the root folder, building or completing it first when needed.
 buildenv_ensure() {
   local root="$buildenv_dir/sid" stamp
+  [[ $(id -u) == 0 ]] || die "the offline Bazel environment must be built and entered as root" \
+      "(debootstrap, chroot and mount need it)." \
+      "Fix: run tools/bazel as root, or install bazelisk (it fetches Bazel $BAZEL_VERSION online)."
   stamp=$(_buildenv_recipe_hash)
   if [[ -f "$root/.telepay-ready" && "$(cat "$root/.telepay-ready")" == "$stamp" ]]; then
     echo "$root"; return
   fi
-  [[ $(id -u) == 0 ]] || die "the offline Bazel environment must be built and entered as root" \
-      "(debootstrap, chroot and mount need it)." \
-      "Fix: run tools/bazel as root, or install bazelisk (it fetches Bazel $BAZEL_VERSION online)."
   local tool
   for tool in unshare chroot mount flock sha256sum; do
     command -v "$tool" >/dev/null || die "'$tool' is missing on this host. Fix: apt-get install -y util-linux coreutils"
