@@ -1,5 +1,5 @@
 """pytest fixtures every service's tests share: real Cloud Tasks emulator, delivery recorder,
-ChangeNOW stand-in, and a service environment wired to them.
+ChangeNOW stand-in, a fresh migrated PostgreSQL database, and a service environment wired to them.
 
 A service test module opts in with ``pytest_plugins = ["telepay_shared.testing.pytest_plugin"]``.
 The keys are the legacy golden-vector keys, so tokens minted by the legacy code verify here.
@@ -13,7 +13,9 @@ import pytest
 
 from telepay_shared.cloudtasks import TasksClient
 from telepay_shared.config import load_config
+from telepay_shared.db import Database
 from telepay_shared.standins.changenow import ChangeNowStandIn
+from telepay_shared.testing.postgres import fresh_database
 from telepay_shared.testing.tasks_emulator import DeliveryRecorder, TasksEmulator
 
 TEST_PROJECT, TEST_LOCATION = "telepay-test", "us-central1"
@@ -42,6 +44,20 @@ def changenow():
     """A ChangeNOW v2 stand-in on 127.0.0.1."""
     with ChangeNowStandIn(api_key=CHANGENOW_TEST_KEY) as standin:
         yield standin
+
+
+@pytest.fixture
+def database_url():
+    """DSN of a new database with every migration applied, on a real PostgreSQL server."""
+    with fresh_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def database(database_url):
+    """A pool on that database, for arranging and asserting rows."""
+    with Database.from_dsn(database_url) as db:
+        yield db
 
 
 @pytest.fixture
