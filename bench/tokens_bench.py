@@ -1,6 +1,6 @@
 """Benchmark of the token codec: median microseconds per encode and per decode, for every hop.
 
-Run: python bench/tokens_bench.py [--batches 31] [--per-batch 2000]
+Run: tools/bazel run -c opt //bench:tokens_bench -- [--batches 31] [--per-batch 2000]
 Each hop is timed in batches with time.perf_counter_ns; the median batch gives the per-operation
 figure, which resists the noise of a shared machine better than the mean.
 """
@@ -9,16 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).parent.parent / "shared"
-if str(SHARED) not in sys.path:
-    sys.path.insert(0, str(SHARED))
+from telepay_shared import tokens
+from telepay_shared.hops import HOPS
 
-from telepay_shared import tokens  # noqa: E402
-from telepay_shared.hops import HOPS  # noqa: E402
+VECTORS_PATH = Path(__file__).parent.parent / "shared" / "testdata" / "token-vectors.json"
 
 
 def median_us(operation, batches: int, per_batch: int) -> float:
@@ -38,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=31)
     parser.add_argument("--per-batch", type=int, default=2000)
     args = parser.parse_args(argv)
-    vectors = json.loads((SHARED / "testdata" / "token-vectors.json").read_text())
+    vectors = json.loads(VECTORS_PATH.read_text())
     keys, now = vectors["keys"], vectors["created_at"]
     print(f"{'hop':30} {'wire':14} {'encode us':>10} {'decode us':>10}")
     for name, vector in vectors["hops"].items():

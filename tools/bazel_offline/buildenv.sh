@@ -38,8 +38,39 @@ _buildenv_mirror() {
 # Bazel's output user root (--output_user_root): beside the root, not in it.
 buildenv_outputs() { echo "$buildenv_dir/outputs"; }
 
-# Run a command inside the root, in a private mount namespace: /proc, /dev, /sys and the given
-# workspace are mounted there and vanish with the namespace.
+# The mounts the root needs (/proc, /dev, /sys, Bazel's outputs, each workspace) live in ONE
+# private mount namespace kept in the file ns/mnt, so they never show on the host and every
+# tools/bazel enters the same one: the Bazel server started by one call then looks, to the
+# next call, as if it ran where that call runs (Bazel restarts a server whose working directory
+# it cannot recognise). The host sees only the namespace file's own mount.
+_buildenv_namespace() {
+  local root=$1 ns_dir="$buildenv_dir/ns"
+  nsenter --mount="$ns_dir/mnt" true 2>/dev/null && return
+  exec 8>"$buildenv_dir/ns.lock"; flock 8
+  if ! nsenter --mount="$ns_dir/mnt" true 2>/dev/null; then
+    mkdir -p "$ns_dir" "$(buildenv_outputs)"
+    # A namespace can only be kept in a file on a private mount.
+    mountpoint -q "$ns_dir" || mount --bind "$ns_dir" "$ns_dir"
+    mount --make-private "$ns_dir"
+    umount "$ns_dir/mnt" 2>/dev/null || true
+    : >"$ns_dir/mnt"
+    unshare --mount="$ns_dir/mnt" --propagation private true \
+      || die "could not create a private mount namespace (unshare --mount)." \
+             "Fix: run tools/bazel as root on a kernel that allows mount namespaces."
+    nsenter --mount="$ns_dir/mnt" /bin/sh -ec '
+      root=$1 outputs=$2
+      mount -t proc proc "$root/proc"
+      mount --rbind /dev "$root/dev"
+      mount --rbind /sys "$root/sys"
+      # Bazel outputs live outside the root at the same absolute path inside and out, so the
+      # bazel-bin / bazel-testlogs links in a workspace work from the host too.
+      mkdir -p "$root$outputs"; mount --bind "$outputs" "$root$outputs"' _ "$root" "$(buildenv_outputs)"
+  fi
+  exec 8>&-
+}
+
+# Run a command inside the root, in that namespace, with workspace WS (if any) mounted at its
+# own absolute path and the working directory CWD.
 buildenv_exec() {
   local root=$1 ws=$2 cwd=$3; shift 3
   local -a keep=(HOME=/root USER=root LANG=C.UTF-8 TZ=UTC
@@ -49,20 +80,24 @@ buildenv_exec() {
     [[ -n "${!name:-}" ]] && keep+=("$name=${!name}")
   done
   while IFS= read -r name; do keep+=("$name=${!name}"); done < <(compgen -e | grep -E '^TELEPAY_' || true)
-  exec unshare --mount --propagation private -- /bin/bash -c '
+  _buildenv_namespace "$root"
+  # The workspace is (re)mounted when it is missing or is no longer the same folder (a clone
+  # deleted and made again at the same path); the flock keeps concurrent calls from stacking mounts.
+  exec nsenter --mount="$buildenv_dir/ns/mnt" /bin/bash -c '
     set -e
-    root=$1 ws=$2 cwd=$3 outputs=$4; shift 4
-    mount -t proc proc "$root/proc"
-    mount --rbind /dev "$root/dev"
-    mount --rbind /sys "$root/sys"
-    if [[ -n "$ws" ]]; then mkdir -p "$root$ws"; mount --bind "$ws" "$root$ws"; fi
-    # Bazel outputs live outside the root at the same absolute path inside and out, so the
-    # bazel-bin / bazel-testlogs links in the workspace work from the host too.
-    mkdir -p "$root$outputs" "$outputs"; mount --bind "$outputs" "$root$outputs"
+    root=$1 ws=$2 cwd=$3 lock=$4; shift 4
+    if [[ -n "$ws" ]]; then
+      exec 8>"$lock"; flock 8
+      if [[ "$(stat -c %d:%i "$ws")" != "$(stat -c %d:%i "$root$ws" 2>/dev/null)" ]]; then
+        umount -l "$root$ws" 2>/dev/null || true
+        mkdir -p "$root$ws"; mount --bind "$ws" "$root$ws"
+      fi
+      exec 8>&-
+    fi
     n=$1; shift
     env=("${@:1:$n}"); shift "$n"
     exec chroot "$root" /usr/bin/env -i "${env[@]}" /bin/sh -c "cd \"\$0\" && exec \"\$@\"" "$cwd" "$@"
-  ' _ "$root" "$ws" "$cwd" "$(buildenv_outputs)" "${#keep[@]}" "${keep[@]}" "$@"
+  ' _ "$root" "$ws" "$cwd" "$buildenv_dir/ns.lock" "${#keep[@]}" "${keep[@]}" "$@"
 }
 
 _buildenv_in() {  # run a bootstrap step inside the root, without the workspace, as a child
@@ -80,6 +115,8 @@ _buildenv_base() {  # debootstrap into a temporary folder, then move it into pla
   }
   mirror=$(_buildenv_mirror)
   rm -rf "$buildenv_dir"/tmp.*
+  # A namespace made for a previous root would keep that root's mounts: start a new one.
+  umount "$buildenv_dir/ns/mnt" 2>/dev/null || true
   tmp=$(mktemp -d "$buildenv_dir/tmp.XXXXXX")
   chmod 755 "$tmp"  # it becomes "/": unprivileged users inside (PostgreSQL) must traverse it
   log="$buildenv_dir/debootstrap.log"
@@ -146,7 +183,7 @@ buildenv_ensure() {
     echo "$root"; return
   fi
   local tool
-  for tool in unshare chroot mount flock sha256sum; do
+  for tool in unshare nsenter chroot mount mountpoint flock sha256sum; do
     command -v "$tool" >/dev/null || die "'$tool' is missing on this host. Fix: apt-get install -y util-linux coreutils"
   done
   mkdir -p "$buildenv_dir"
