@@ -112,6 +112,9 @@ IDEMPOTENCY_CHANGES = {
     ("split_payout_hostpay", "actual_eth_amount"): "numeric(38,18) =0",
     ("split_payout_request", "idempotency_key"): "varchar(100)",
     ("split_payout_hostpay", "nonce"): "bigint",
+    # 0003_hostpay_signed_tx.sql
+    ("split_payout_hostpay", "signed_tx"): "text",
+    ("split_payout_hostpay", "sender_address"): "varchar(42)",
 }
 
 # The documented value set of the uppercase currency_type enum (see 0001_legacy_schema.sql).
@@ -147,6 +150,7 @@ IDEMPOTENCY_INDEXES = {
     "payout_accumulation(nowpayments_payment_id) unique", "split_payout_request(idempotency_key) unique",
     "split_payout_que(cn_api_id) unique", "split_payout_que(unique_id) unique",
     "split_payout_hostpay(unique_id) unique", "batch_conversions(cn_api_id) unique",
+    "split_payout_hostpay(sender_address, nonce) unique",  # 0003
 }
 
 _CAST = re.compile(r"::[a-z ]+(\(\d+\))?")
@@ -258,9 +262,10 @@ def _sqlstate(exc: BaseException) -> str:
 # --- applying ------------------------------------------------------------------------------------
 
 def test_applies_cleanly_to_an_empty_database(empty_db):
-    assert apply_migrations(empty_db) == [1, 2]
+    assert apply_migrations(empty_db) == [1, 2, 3]
     history = _history(empty_db)
-    assert [(row["version"], row["name"]) for row in history] == [(1, "legacy_schema"), (2, "idempotency")]
+    assert [(row["version"], row["name"]) for row in history] == [
+        (1, "legacy_schema"), (2, "idempotency"), (3, "hostpay_signed_tx")]
     assert all(re.fullmatch(r"[0-9a-f]{64}", row["checksum"]) for row in history)
 
 
@@ -273,7 +278,7 @@ def test_second_run_is_a_no_op(empty_db):
 
 def test_up_to_stops_at_a_version_and_a_later_run_continues(empty_db):
     assert apply_migrations(empty_db, up_to=1) == [1]
-    assert apply_migrations(empty_db) == [2]
+    assert apply_migrations(empty_db) == [2, 3]
 
 
 def test_concurrent_runs_apply_each_migration_exactly_once(empty_dsn):
@@ -293,9 +298,9 @@ def test_concurrent_runs_apply_each_migration_exactly_once(empty_dsn):
     for thread in threads:
         thread.join(60)
     assert failures == []
-    assert sorted(version for applied in results for version in applied) == [1, 2]
+    assert sorted(version for applied in results for version in applied) == [1, 2, 3]
     with Database.from_dsn(empty_dsn) as db:
-        assert [row["version"] for row in _history(db)] == [1, 2]
+        assert [row["version"] for row in _history(db)] == [1, 2, 3]
 
 
 def test_a_failing_migration_leaves_nothing_behind(empty_db, tmp_path):
@@ -319,7 +324,8 @@ def test_an_applied_migration_that_changed_is_refused(empty_db, tmp_path):
     with pytest.raises(MigrationError, match="0001_legacy_schema.sql changed"):
         apply_migrations(empty_db, directory=directory)
     assert [row["version"] for row in _history(empty_db)] == [1]
-    assert [state.status for state in migration_status(empty_db, directory=directory)] == ["changed", "pending"]
+    assert [state.status for state in migration_status(empty_db, directory=directory)] == [
+        "changed", "pending", "pending"]
 
 
 @pytest.mark.parametrize("names, reason", [
@@ -338,13 +344,14 @@ def test_badly_named_migration_files_are_refused(tmp_path, names, reason):
 
 def test_status_reports_pending_applied_and_unknown(empty_db):
     assert [(s.version, s.status, s.applied_at) for s in migration_status(empty_db)] == [
-        (1, "pending", None), (2, "pending", None)]
+        (1, "pending", None), (2, "pending", None), (3, "pending", None)]
     apply_migrations(empty_db)
     with empty_db.transaction() as tx:
         tx.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (99, 'future', %s)", ("0" * 64,))
     states = migration_status(empty_db)
     assert [(s.version, s.name, s.status) for s in states] == [
-        (1, "legacy_schema", "applied"), (2, "idempotency", "applied"), (99, "future", "unknown")]
+        (1, "legacy_schema", "applied"), (2, "idempotency", "applied"), (3, "hostpay_signed_tx", "applied"),
+        (99, "future", "unknown")]
     assert all(s.applied_at is not None for s in states)
 
 
@@ -352,7 +359,7 @@ def test_cli_applies_and_reports(empty_dsn, capsys):
     assert main(["--dsn", empty_dsn, "--status"]) == 1
     assert "0001_legacy_schema\tpending" in capsys.readouterr().out
     assert main(["--dsn", empty_dsn]) == 0
-    assert capsys.readouterr().out.strip() == "applied 0001, 0002"
+    assert capsys.readouterr().out.strip() == "applied 0001, 0002, 0003"
     assert main(["--dsn", empty_dsn]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
     assert main(["--dsn", empty_dsn, "--status"]) == 0
@@ -382,7 +389,7 @@ def test_module_runs_as_a_script(empty_dsn):
     env = os.environ | {"PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
     result = subprocess.run([sys.executable, "-m", "telepay_shared.migrate", "--dsn", empty_dsn],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stdout.strip()) == (0, "applied 0001, 0002")
+    assert (result.returncode, result.stdout.strip()) == (0, "applied 0001, 0002, 0003")
 
 
 # --- the schema itself -------------------------------------------------------------------------
