@@ -322,9 +322,14 @@ _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
-def _secret(keys: Mapping[str, str | bytes], name: str) -> bytes:
-    """The signing secret named by the hop, as bytes; a missing key is a configuration error."""
+def _secret(keys, name: str) -> bytes:
+    """The signing secret named by the hop, as bytes; a missing key is a configuration error.
+
+    `keys` maps env var names to secrets: a plain dict, or a service's Config (whose secrets are
+    config.Secret values, revealed only here)."""
     secret = keys.get(name) if keys is not None else None
+    if hasattr(secret, "reveal"):
+        secret = secret.reveal()
     if not secret or not isinstance(secret, (str, bytes, bytearray)):
         raise errors.ConfigError(f"signing key {name} is not configured")
     return secret.encode() if isinstance(secret, str) else bytes(secret)
@@ -382,11 +387,6 @@ class _Short(Exception):
 
 
 # ---------------------------------------------------------------------------- public API
-
-def signing_keys(config, names) -> dict[str, str]:
-    """The secrets a service signs and verifies with, by env var name, from its Config."""
-    return {name: config[name].reveal() for name in names}
-
 
 def encode(hop: Hop | str, fields: Mapping[str, Any], keys: Mapping[str, str | bytes], now: float | None = None):
     """Encode `fields` for `hop` at clock `now`: a token str, or {"body", "signature"} for JSON/HMAC hops."""

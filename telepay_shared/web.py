@@ -87,17 +87,32 @@ _HTTP_ERROR_CODES = {413: PayloadTooLarge.code, 429: RateLimited.code}
 # ---------------------------------------------------------------- app factory and errors
 
 
+class ServiceApp(flask.Flask):
+    """A service's Flask app. `auth` is its inbound authentication policy (TP_AUTH_MODE, read when
+    first used, so a service without transport-authenticated routes declares none of it)."""
+
+    hmac_secret: bytes | str | Secret | None = None
+
+    @functools.cached_property
+    def auth(self) -> AuthPolicy:
+        """The policy every `@app.auth.required` route enforces."""
+        return AuthPolicy.from_config(self.extensions["telepay"]["config"], hmac_secret=self.hmac_secret)
+
+
 def create_app(
     name: str,
     config: Config | None = None,
     *,
     health_checks: Mapping[str, Callable[[], Any]] | None = None,
     max_body_bytes: int = 64 * 1024,
-) -> flask.Flask:
-    """Builds a service's Flask app with /health, the error mapping and request logging context."""
+    hmac_secret: bytes | str | Secret | None = None,
+) -> ServiceApp:
+    """Builds a service's Flask app with /health, the error mapping, request logging context and
+    `app.auth` (hmac_secret: the key of the X-Webhook-Signature header, for TP_AUTH_MODE hmac)."""
     if config is not None:  # every secret the service loaded is redacted from every log line
         configure_logging(name, config.secrets())
-    app = flask.Flask(name, static_folder=None)
+    app = ServiceApp(name, static_folder=None)
+    app.hmac_secret = hmac_secret
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.extensions["telepay"] = {"service": name, "config": config}
     app.json.sort_keys = False  # keep status, error, message first
