@@ -24,11 +24,10 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
-    auth = web.AuthPolicy.from_config(config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def accumulate():
         """Credit the client's threshold balance with the payment, net of the platform fee."""
         body = web.json_body()

@@ -28,22 +28,20 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.TPS_KEY])
-    scheduler = web.AuthPolicy.from_config(config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
     batch_payout_url = config.GCSPLIT1_URL.rstrip("/") + "/batch-payout"
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     def send_to_gcsplit1(batch: rules.PendingBatch) -> str:
         """Enqueue T9 under the batch's task name (a resend is refused by Cloud Tasks), then mark it processing."""
         batch_id = batch.token_fields["batch_id"]
-        token = tokens.encode(hops.BATCH_PAYOUT, batch.token_fields, keys)
+        token = tokens.encode(hops.BATCH_PAYOUT, batch.token_fields, config)
         task = tasks.enqueue(config.GCSPLIT1_BATCH_QUEUE, batch_payout_url, {"token": token, "batch_mode": True},
                              idempotency_key=f"gcsplit1-batch:{batch_id}")
         rules.mark_processing(database, batch_id)
         return task
 
     @app.post("/process")
-    @scheduler.required
+    @app.auth.required
     def process():
         """Claim every due balance, then send every claimed batch not yet sent."""
         created = rules.claim_payouts(database)

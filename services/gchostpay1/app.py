@@ -39,8 +39,6 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     database = database or Database.from_env(config)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY, hops.TPS_KEY])
-    auth = web.AuthPolicy.from_config(config)
     retry_url = config.GCHOSTPAY1_URL.rstrip("/") + "/retry-callback-check"
     swap_executed_url = config.MICROBATCH_URL.rstrip("/") + "/swap-executed"
     app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
@@ -48,13 +46,13 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     def received(hop) -> dict:
         """The request's token decoded as `hop`; its payout tags every log line."""
         token = web.require_fields(web.json_body(), "token")[0]
-        fields = tokens.decode(hop, token, keys, now=clock())
+        fields = tokens.decode(hop, token, config, now=clock())
         web.bind_log_context(unique_id=fields["unique_id"], cn_api_id=fields["cn_api_id"])
         return fields
 
     def send(hop, fields: dict, queue: str, url: str, key: str, delay_s: int = 0) -> str:
         """Enqueue the next hop under its idempotency key; a failed enqueue raises (5xx: redelivered)."""
-        token = tokens.encode(hop, fields, keys, now=clock())
+        token = tokens.encode(hop, fields, config, now=clock())
         return tasks.enqueue(queue, url, {"token": token}, idempotency_key=key, delay_s=delay_s)
 
     def review(case: rules.Review) -> dict:
@@ -88,10 +86,10 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         return review(rules.conversion_review(unique_id, cn_api_id, tx_hash, exchange, error_code, retry_count + 1))
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def order_payment():
         """Take a payout order and, unless it is paid already, have GCHostPay2 check its exchange."""
-        order = rules.decode_order(web.require_fields(web.json_body(), "token")[0], keys, clock())
+        order = rules.decode_order(web.require_fields(web.json_body(), "token")[0], config, clock())
         unique_id = order["unique_id"]
         web.bind_log_context(unique_id=unique_id, cn_api_id=order["cn_api_id"], context=order["context"])
         with database.transaction() as tx:
@@ -104,7 +102,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                 "cn_api_id": order["cn_api_id"], "context": order["context"], "task_id": task}
 
     @app.post("/status-verified")
-    @auth.required
+    @app.auth.required
     def status_verified():
         """Order the transfer only while the exchange awaits its deposit; settle every other status here."""
         verified = received(hops.STATUS_VERIFIED)
@@ -127,7 +125,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                 "task_id": task}
 
     @app.post("/payment-completed")
-    @auth.required
+    @app.auth.required
     def payment_completed():
         """Finish a payout after GCHostPay3's transfer: close its payout batch, or follow its batch conversion."""
         completed = received(hops.PAYMENT_COMPLETED)
@@ -144,7 +142,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         return {"status": "success", "message": "Payment workflow completed", **answer, "payout_batch_id": batch_id}
 
     @app.post("/retry-callback-check")
-    @auth.required
+    @app.auth.required
     def retry_callback_check():
         """Look at a batch conversion again after the scheduled delay."""
         retry = received(hops.CALLBACK_RETRY)

@@ -27,26 +27,24 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
                tasks: TasksClient | None = None, clock: Callable[[], float] = time.time) -> flask.Flask:
     """Build the service; configuration, ChangeNOW and Cloud Tasks default to the deployment's own."""
     config = config or load_config(CONFIG_PATH)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
     status_verified_url = rules.status_verified_url(config.GCHOSTPAY1_URL)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config)
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def check_status():
         """Read the exchange's status and report it to GCHostPay1."""
         token = web.require_fields(web.json_body(), "token")[0]
-        order = tokens.decode(hops.STATUS_CHECK, token, keys, now=clock())
+        order = tokens.decode(hops.STATUS_CHECK, token, config, now=clock())
         web.bind_log_context(unique_id=order["unique_id"], cn_api_id=order["cn_api_id"])
         verified = rules.verified_status(order, changenow)
         # The status is part of the key: a redelivery reporting the same status is refused by
         # Cloud Tasks, while a later check that sees the exchange move on is a new report.
         task = tasks.enqueue(
             config.GCHOSTPAY1_RESPONSE_QUEUE, status_verified_url,
-            {"token": tokens.encode(hops.STATUS_VERIFIED, verified, keys, now=clock())},
+            {"token": tokens.encode(hops.STATUS_VERIFIED, verified, config, now=clock())},
             idempotency_key=f"status-verified:{order['unique_id']}:{verified['status']}",
         )
         return {"status": "success", "message": "Status verified and sent to GCHostPay1",

@@ -33,23 +33,21 @@ def create_app(config: Config | None = None, *, tasks: TasksClient | None = None
                wallet: Wallet | None = None, alerter: Alerter | None = None) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
     executor = PaymentExecutor(
         Settings.from_config(config), database=database or Database.from_env(config),
         wallet=wallet or Wallet.from_config(config), tasks=tasks or TasksClient.from_config(config),
         alerter=alerter or Alerter.from_config(SERVICE, config), assets=rules.assets_from_config(config),
-        keys=keys, redact=node_redactor(config),
+        keys=config, redact=node_redactor(config),
     )
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config)
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def execute_payment():
         """Send the ordered transfer once, whatever the number of deliveries (T12, T13)."""
         token = web.require_fields(web.json_body(), "token")[0]
         # T12 and T13 share one layout; the retry fields are optional in EXECUTE_PAYMENT.
-        order = rules.order_from_token(tokens.decode(hops.EXECUTE_PAYMENT, token, keys))
+        order = rules.order_from_token(tokens.decode(hops.EXECUTE_PAYMENT, token, config))
         web.bind_log_context(unique_id=order.unique_id, cn_api_id=order.cn_api_id, attempt=order.attempt)
         retry_count = flask.request.headers.get("X-CloudTasks-TaskRetryCount", "").strip()
         return executor.execute(order, first_delivery=retry_count in ("", "0"))

@@ -31,23 +31,21 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     database = database or Database.from_env(config)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
-    scheduler = web.AuthPolicy.from_config(config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
     hostpay_url = config.GCHOSTPAY1_URL.rstrip("/") + "/"
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     def hand_over(order: dict) -> str:
         """Send T15 to GCHostPay1 under the batch's task name, then stop resuming the batch."""
         batch_id = order["batch_conversion_id"]
         # GCHostPay1 calls the batch "batch_<id>"; a resumed batch maps to the same task name.
         task = tasks.enqueue(config.GCHOSTPAY1_BATCH_QUEUE, hostpay_url,
-                             {"token": tokens.encode(hops.MICROBATCH_ORDER, order, keys)},
+                             {"token": tokens.encode(hops.MICROBATCH_ORDER, order, config)},
                              idempotency_key=f"gchostpay1:batch_{batch_id}")
         rules.mark_handed_off(database, batch_id)
         return task
 
     @app.post("/check-threshold")
-    @scheduler.required
+    @app.auth.required
     def check_threshold():
         """Open a batch when the pending credits reach the threshold, and push every unfinished batch on."""
         threshold = config.MICRO_BATCH_THRESHOLD_USD
@@ -60,7 +58,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     def swap_executed():
         """Distribute the USDT GCHostPay1 saw arrive (authenticated by the T16 token itself)."""
         token = web.require_fields(web.json_body(), "token")[0]
-        swap = tokens.decode(hops.MICROBATCH_SWAP_EXECUTED, token, keys)
+        swap = tokens.decode(hops.MICROBATCH_SWAP_EXECUTED, token, config)
         web.bind_log_context(batch_conversion_id=swap["batch_conversion_id"], cn_api_id=swap["cn_api_id"])
         return rules.complete_swap(database, swap)
 

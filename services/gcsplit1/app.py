@@ -38,8 +38,6 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY, hops.TPS_KEY])
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config, health_checks={"database": lambda: _database_answers(database)})
 
     def request_estimate(estimate_request: dict, message: str, **answer) -> dict:
@@ -51,44 +49,44 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         if unique_id is not None:  # a replay or a late redelivery: the payout is under way
             return {"status": "success", "message": f"{message} (already accepted)", **answer,
                     "unique_id": unique_id, "idempotent": True}
-        token = tokens.encode(hops.ESTIMATE_REQUEST, estimate_request, keys, now=clock())
+        token = tokens.encode(hops.ESTIMATE_REQUEST, estimate_request, config, now=clock())
         task = tasks.enqueue(config.GCSPLIT2_QUEUE, config.GCSPLIT2_URL, {"token": token},
                              idempotency_key=f"gcsplit2:{payout_key}")
         return {"status": "success", "message": message, **answer, "task_id": task}
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def instant_payment():
         """Deduct the platform fee from a validated payment and ask GCSplit2 for an estimate."""
         body, signature = flask.request.get_data(cache=True), flask.request.headers.get(SIGNATURE_HEADER)
         if not signature:  # checked whatever the configuration: legacy skipped it without a key (defect 2)
             raise errors.Unauthorized(f"missing {SIGNATURE_HEADER} header")
-        payment = tokens.decode_signed_body(hops.INSTANT_SPLIT, body, signature, keys, now=clock())
+        payment = tokens.decode_signed_body(hops.INSTANT_SPLIT, body, signature, config, now=clock())
         payout_key = rules.instant_payout_key(payment, body)
         estimate_request = rules.instant_estimate_request(payment, config.TP_FLAT_FEE, payout_key)
         return request_estimate(estimate_request, "Payment split request accepted")
 
     @app.post("/batch-payout")
-    @auth.required
+    @app.auth.required
     def batch_payout():
         """Ask GCSplit2 for an estimate of a client's threshold balance (batch_mode is only informative)."""
         token = web.require_fields(web.json_body(), "token")[0]
-        batch = tokens.decode(hops.BATCH_PAYOUT, token, keys, now=clock())
+        batch = tokens.decode(hops.BATCH_PAYOUT, token, config, now=clock())
         estimate_request = rules.batch_estimate_request(batch)
         return request_estimate(estimate_request, "Batch payout request accepted", batch_id=batch["batch_id"])
 
     @app.post("/usdt-eth-estimate")
-    @auth.required
+    @app.auth.required
     def estimate_received():
         """Record the payout request once per payout key and ask GCSplit3 for the exchange."""
         token = web.require_fields(web.json_body(), "token")[0]
-        estimate = tokens.decode(hops.ESTIMATE_RESPONSE, token, keys, now=clock())
+        estimate = tokens.decode(hops.ESTIMATE_RESPONSE, token, config, now=clock())
         payout_key = rules.estimate_payout_key(estimate, token)
         web.bind_log_context(payout_key=payout_key)
         with database.transaction() as tx:
             unique_id, created = rules.record_payout_request(tx, estimate, payout_key)
         web.bind_log_context(unique_id=unique_id)
-        swap = tokens.encode(hops.SWAP_REQUEST, rules.swap_request(unique_id, estimate), keys, now=clock())
+        swap = tokens.encode(hops.SWAP_REQUEST, rules.swap_request(unique_id, estimate), config, now=clock())
         # Always re-enqueued: repairs the chain if the first enqueue failed; the name stops a duplicate.
         task = tasks.enqueue(config.GCSPLIT3_QUEUE, config.GCSPLIT3_URL, {"token": swap},
                              idempotency_key=f"gcsplit3:{unique_id}")
@@ -96,11 +94,11 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                 "task_id": task, "idempotent": not created}
 
     @app.post("/eth-client-swap")
-    @auth.required
+    @app.auth.required
     def exchange_created():
         """Record the payout's exchange (the first one wins) and order GCHostPay1 to pay it."""
         token = web.require_fields(web.json_body(), "token")[0]
-        swap = tokens.decode(hops.SWAP_RESPONSE, token, keys, now=clock())
+        swap = tokens.decode(hops.SWAP_RESPONSE, token, config, now=clock())
         web.bind_log_context(unique_id=swap["unique_id"], cn_api_id=swap["cn_api_id"])
         order = rules.hostpay_order(swap)
         with database.transaction() as tx:
@@ -113,7 +111,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
             return {**answer, "message": "Payout already has an exchange; this one is ignored",
                     "ignored_cn_api_id": swap["cn_api_id"]}
         task = tasks.enqueue(config.HOSTPAY_QUEUE, config.HOSTPAY_WEBHOOK_URL,
-                             {"token": tokens.encode(hops.HOSTPAY_ORDER, order, keys, now=clock())},
+                             {"token": tokens.encode(hops.HOSTPAY_ORDER, order, config, now=clock())},
                              idempotency_key=f"gchostpay1:{swap['unique_id']}")
         return {**answer, "message": "Swap processed and HostPay trigger enqueued", "task_id": task}
 

@@ -27,18 +27,16 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     config = config or load_config(CONFIG_PATH)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config)
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def estimate():
         """Quote the payout swap and hand the numbers back to GCSplit1."""
         token = web.require_fields(web.json_body(), "token")[0]
-        request = tokens.decode(hops.ESTIMATE_REQUEST, token, keys)
+        request = tokens.decode(hops.ESTIMATE_REQUEST, token, config)
         web.bind_log_context(payout_key=request.get("payout_key"))
-        response = tokens.encode(hops.ESTIMATE_RESPONSE, rules.quote(request, changenow), keys)
+        response = tokens.encode(hops.ESTIMATE_RESPONSE, rules.quote(request, changenow), config)
         # A redelivered T4 maps to the same task name, so Cloud Tasks refuses a second T5.
         task = tasks.enqueue(
             config.GCSPLIT2_RESPONSE_QUEUE, config.GCSPLIT1_ESTIMATE_RESPONSE_URL, {"token": response},

@@ -34,23 +34,21 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     config = config or load_config(CONFIG_PATH)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config)
 
     def body_token(hop) -> dict:
         """The request's {"token"} decoded as `hop`."""
-        return tokens.decode(hop, web.require_fields(web.json_body(), "token")[0], keys, now=clock())
+        return tokens.decode(hop, web.require_fields(web.json_body(), "token")[0], config, now=clock())
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def payout_exchange():
         """Create the payout's exchange and hand its deposit address back to GCSplit1."""
         request = body_token(hops.SWAP_REQUEST)
         web.bind_log_context(unique_id=request["unique_id"])
         exchange = rules.create_payout_exchange(request, changenow)
         web.bind_log_context(cn_api_id=exchange.exchange_id)
-        response = tokens.encode(hops.SWAP_RESPONSE, rules.swap_response(request, exchange), keys, now=clock())
+        response = tokens.encode(hops.SWAP_RESPONSE, rules.swap_response(request, exchange), config, now=clock())
         # Named after the payout: while Cloud Tasks remembers the name, a second exchange is not reported.
         task = tasks.enqueue(config.GCSPLIT3_RESPONSE_QUEUE, config.GCSPLIT1_SWAP_RESPONSE_URL, {"token": response},
                              idempotency_key=f"gcsplit1-swap:{request['unique_id']}")
@@ -58,7 +56,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
                 "unique_id": request["unique_id"], "cn_api_id": exchange.exchange_id, "task_id": task}
 
     @app.post("/eth-to-usdt")
-    @auth.required
+    @app.auth.required
     def accumulator_exchange():
         """Create an accumulation's ETH -> USDT exchange and tell GCAccumulator where to pay."""
         request = body_token(hops.ACCUMULATOR_SWAP_REQUEST)
@@ -67,7 +65,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
         exchange = rules.create_accumulator_exchange(request, changenow)
         web.bind_log_context(cn_api_id=exchange.exchange_id)
         created = tokens.encode(hops.ACCUMULATOR_SWAP_CREATED, rules.accumulator_swap_created(request, exchange),
-                                keys, now=clock())
+                                config, now=clock())
         task = tasks.enqueue(config.GCACCUMULATOR_RESPONSE_QUEUE, target, {"token": created},
                              idempotency_key=f"gcaccumulator-swap:{request['accumulation_id']}")
         return {"status": "success", "message": "ETH to USDT exchange created, GCAccumulator notified",

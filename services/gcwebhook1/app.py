@@ -30,12 +30,11 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
-    auth = web.AuthPolicy.from_config(config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
+    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)},
+                         hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     @app.post("/process-validated-payment")
-    @auth.required
+    @app.auth.required
     def process_validated_payment():
         """Queue the payout and the invite of one finished payment, once."""
         body = web.json_body()
@@ -44,7 +43,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                     "message": "payment_status is not finished", "payment_status": body.get("payment_status")}
         payment = rules.validated_payment(body)
         web.bind_log_context(payment_id=payment.payment_id)
-        invite = rules.invite_task(payment, keys)
+        invite = rules.invite_task(payment, config)
         with database.transaction() as tx:
             # The row lock makes a concurrent redelivery wait, then find the payment routed.
             if not rules.claim_payment(tx, payment):
@@ -52,11 +51,11 @@ def create_app(config: Config | None = None, *, database: Database | None = None
             mode = rules.payout_mode(tx, payment.closed_channel_id)
             if mode == rules.THRESHOLD:
                 credit, headers = rules.threshold_credit(payment, rules.subscription_id(tx, payment), _utc_now(),
-                                                         keys[hops.SUCCESS_KEY])
+                                                         config[hops.SUCCESS_KEY].reveal())
                 tasks.enqueue(config.GCACCUMULATOR_QUEUE, config.GCACCUMULATOR_URL, None, raw_body=credit,
                               headers=headers, idempotency_key=f"gcaccumulator:np:{payment.payment_id}")
             else:
-                split, headers = rules.instant_payout(payment, keys)
+                split, headers = rules.instant_payout(payment, config)
                 tasks.enqueue(config.GCSPLIT1_QUEUE, config.GCSPLIT1_URL, None, raw_body=split, headers=headers,
                               idempotency_key=f"gcsplit1:np:{payment.payment_id}")
             # A failed invite enqueue rolls the mark back and answers 5xx: the customer is never left out (defect 20).
@@ -74,7 +73,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         token = flask.request.args.get("token", "").strip()
         if not token:
             raise errors.BadRequest("missing token", field="token")
-        subscription = tokens.decode(hops.SUCCESS_URL, token, keys)
+        subscription = tokens.decode(hops.SUCCESS_URL, token, config)
         web.bind_log_context(user_id=subscription["user_id"])
         with database.transaction() as tx:
             rules.record_success_url(tx, subscription, _utc_now())

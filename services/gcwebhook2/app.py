@@ -30,16 +30,14 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     bot = bot or TelegramBot.from_config(config)
-    keys = tokens.signing_keys(config, [hops.SUCCESS_KEY])
-    auth = web.AuthPolicy.from_config(config)
     app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
 
     @app.post("/")
-    @auth.required
+    @app.auth.required
     def send_invite():
         """Invite the paying customer to the channel the T2 token names."""
         token, payment_id = web.require_fields(web.json_body(), "token", "payment_id")
-        invite = tokens.decode(hops.INVITE, token, keys)
+        invite = tokens.decode(hops.INVITE, token, config)
         payment_id = rules.payment_id(payment_id)
         web.bind_log_context(payment_id=payment_id, user_id=invite["user_id"])
         with database.transaction() as tx:

@@ -33,7 +33,6 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
     prices = prices or CoinGeckoPrices.from_config(config)
-    keys = tokens.signing_keys(config, [hops.IPN_KEY, hops.SUCCESS_KEY])
     forward_url = config.GCWEBHOOK1_URL.rstrip("/") + "/process-validated-payment"
     app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
 
@@ -41,7 +40,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     def payment_notification():
         """Record a finished payment and forward it to GCWebhook1; other statuses are only acknowledged."""
         notification = web.json_body()
-        rules.verify_signature(flask.request.get_data(cache=True), flask.request.headers.get("x-nowpayments-sig"), keys)
+        rules.verify_signature(flask.request.get_data(cache=True), flask.request.headers.get("x-nowpayments-sig"), config)
         status = rules.payment_status(notification)
         if status != rules.FINISHED:
             return {"status": "acknowledged", "message": f"IPN received but payment not finished ({status})",
@@ -61,7 +60,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                         "payment_id": payment.payment_id}
             rules.store_outcome_usd(tx, subscription, payment, usd)
             body, headers = rules.signed_json(rules.validated_payment(payment, channel, subscription, usd),
-                                              keys[hops.SUCCESS_KEY])
+                                              config[hops.SUCCESS_KEY].reveal())
             tasks.enqueue(config.GCWEBHOOK1_QUEUE, forward_url, None, raw_body=body, headers=headers,
                           idempotency_key=f"gcwebhook1:{payment.payment_id}")
         return {"status": "success", "message": "IPN processed", "payment_id": payment.payment_id}
