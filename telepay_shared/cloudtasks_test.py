@@ -12,28 +12,15 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import tasks_v2
 
 from telepay_shared import cloudtasks, errors
-from telepay_shared.testing.tasks_emulator import DeliveryRecorder, TasksEmulator
+from telepay_shared.testing.tasks_emulator import DeliveryRecorder
 
-PROJECT = "telepay-test"
-LOCATION = "us-central1"
+# The emulator, the recorder of its deliveries and the client on the emulator are the plugin's
+# fixtures `tasks_emulator`, `deliveries` and `tasks`.
+pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
+
+PROJECT = "telepay-test"  # the plugin's TEST_PROJECT and TEST_LOCATION, where its `tasks` client
+LOCATION = "us-central1"  # creates the queues
 SERVICE_ACCOUNT = "tasks-invoker@telepay-test.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    with TasksEmulator() as running:
-        yield running
-
-
-@pytest.fixture
-def receiver():
-    with DeliveryRecorder() as recorder:
-        yield recorder
-
-
-@pytest.fixture
-def tasks(emulator):
-    return cloudtasks.TasksClient(PROJECT, LOCATION, emulator_host=emulator.host)
 
 
 @pytest.fixture
@@ -81,11 +68,11 @@ def paused_task(tasks, queue):
 
 # --- delivery through the emulator -------------------------------------------------------------
 
-def test_delivers_json_body_and_headers(tasks, queue, receiver):
+def test_delivers_json_body_and_headers(tasks, queue, deliveries):
     body = {"token": "abc", "payment_id": 4479119533, "note": "é"}
-    name = tasks.enqueue(queue, receiver.url("/process?x=1"), body, idempotency_key=None,
+    name = tasks.enqueue(queue, deliveries.url("/process?x=1"), body, idempotency_key=None,
                          headers={"X-Webhook-Signature": "sig-hex"})
-    (delivery,) = receiver.expect_exactly(1)
+    (delivery,) = deliveries.expect_exactly(1)
     assert name.startswith(tasks.queue_path(queue) + "/tasks/")
     assert delivery.path == "/process?x=1"
     assert delivery.body == json.dumps(body).encode("utf-8")
@@ -95,55 +82,55 @@ def test_delivers_json_body_and_headers(tasks, queue, receiver):
     assert delivery.headers["x-cloudtasks-taskname"] == name.rsplit("/", 1)[-1]
 
 
-def test_same_key_is_delivered_once_and_keeps_its_name(tasks, queue, receiver):
-    url = receiver.url("/")
+def test_same_key_is_delivered_once_and_keeps_its_name(tasks, queue, deliveries):
+    url = deliveries.url("/")
     first = tasks.enqueue(queue, url, {"token": "first"}, idempotency_key="payment-42")
     repeat = tasks.enqueue(queue, url, {"token": "second"}, idempotency_key="payment-42")
-    receiver.wait_for(1)
+    deliveries.wait_for(1)
     after_delivery = tasks.enqueue(queue, url, {"token": "third"}, idempotency_key="payment-42")
-    (delivery,) = receiver.expect_exactly(1)
+    (delivery,) = deliveries.expect_exactly(1)
     assert first == repeat == after_delivery == tasks.task_path(queue, "payment-42")
     assert json.loads(delivery.body) == {"token": "first"}
     assert delivery.headers["x-cloudtasks-taskname"] == first.rsplit("/", 1)[-1]
 
 
-def test_different_keys_are_two_tasks(tasks, queue, receiver):
-    url = receiver.url("/")
+def test_different_keys_are_two_tasks(tasks, queue, deliveries):
+    url = deliveries.url("/")
     one = tasks.enqueue(queue, url, {"token": "one"}, idempotency_key="payment-1")
     two = tasks.enqueue(queue, url, {"token": "two"}, idempotency_key="payment-2")
-    deliveries = receiver.expect_exactly(2)
+    delivered = deliveries.expect_exactly(2)
     assert one != two
-    assert sorted(json.loads(d.body)["token"] for d in deliveries) == ["one", "two"]
+    assert sorted(json.loads(d.body)["token"] for d in delivered) == ["one", "two"]
 
 
-def test_same_key_on_two_queues_is_two_tasks(tasks, queue, receiver):
+def test_same_key_on_two_queues_is_two_tasks(tasks, queue, deliveries):
     other_queue = f"{queue}-other"
     tasks.ensure_queue(other_queue)
-    here = tasks.enqueue(queue, receiver.url("/"), {"token": "t"}, idempotency_key="payment-7")
-    there = tasks.enqueue(other_queue, receiver.url("/"), {"token": "t"}, idempotency_key="payment-7")
-    receiver.expect_exactly(2)
+    here = tasks.enqueue(queue, deliveries.url("/"), {"token": "t"}, idempotency_key="payment-7")
+    there = tasks.enqueue(other_queue, deliveries.url("/"), {"token": "t"}, idempotency_key="payment-7")
+    deliveries.expect_exactly(2)
     assert here.rsplit("/", 1)[-1] != there.rsplit("/", 1)[-1]
 
 
-def test_delay_is_honoured(tasks, queue, receiver):
+def test_delay_is_honoured(tasks, queue, deliveries):
     started = time.monotonic()
-    tasks.enqueue(queue, receiver.url("/later"), {"token": "t"}, idempotency_key=None, delay_s=1.5)
-    (delivery,) = receiver.expect_exactly(1, timeout_s=10, quiet_s=0.3)
+    tasks.enqueue(queue, deliveries.url("/later"), {"token": "t"}, idempotency_key=None, delay_s=1.5)
+    (delivery,) = deliveries.expect_exactly(1, timeout_s=10, quiet_s=0.3)
     assert delivery.received_at - started >= 1.5
 
 
-def test_undelayed_task_is_delivered_promptly(tasks, queue, receiver):
+def test_undelayed_task_is_delivered_promptly(tasks, queue, deliveries):
     started = time.monotonic()
-    tasks.enqueue(queue, receiver.url("/now"), {"token": "t"}, idempotency_key=None)
-    (delivery,) = receiver.wait_for(1)
+    tasks.enqueue(queue, deliveries.url("/now"), {"token": "t"}, idempotency_key=None)
+    (delivery,) = deliveries.wait_for(1)
     assert delivery.received_at - started < 1.5
 
 
-def test_raw_body_is_delivered_byte_exact(tasks, queue, receiver):
+def test_raw_body_is_delivered_byte_exact(tasks, queue, deliveries):
     signed = '{"user_id":7,  "amount":"12.50","sig":"é"}\n'.encode("utf-8")
-    tasks.enqueue(queue, receiver.url("/"), None, idempotency_key="hop-1", raw_body=signed,
+    tasks.enqueue(queue, deliveries.url("/"), None, idempotency_key="hop-1", raw_body=signed,
                   headers={"X-Webhook-Signature": "abc"})
-    (delivery,) = receiver.expect_exactly(1)
+    (delivery,) = deliveries.expect_exactly(1)
     assert delivery.body == signed
     assert delivery.headers["content-type"] == "application/json"
 
@@ -195,8 +182,8 @@ def test_schedule_time_is_an_aware_utc_instant():
 
 # --- the created task --------------------------------------------------------------------------
 
-def test_oidc_token_is_set_with_the_target_origin_as_audience(emulator, queue):
-    tasks = cloudtasks.TasksClient(PROJECT, LOCATION, emulator_host=emulator.host,
+def test_oidc_token_is_set_with_the_target_origin_as_audience(tasks_emulator, queue):
+    tasks = cloudtasks.TasksClient(PROJECT, LOCATION, emulator_host=tasks_emulator.host,
                                    oidc_service_account=SERVICE_ACCOUNT)
     tasks.raw_client.pause_queue(name=tasks.queue_path(queue))
     tasks.enqueue(queue, "https://gcsplit1-abc-uc.a.run.app/batch-payout?x=1", {"token": "t"},
@@ -245,9 +232,9 @@ def test_named_creates_are_retried_and_unnamed_are_not():
 
 # --- error mapping -----------------------------------------------------------------------------
 
-def test_missing_queue_on_the_emulator_is_a_config_error(tasks, receiver):
+def test_missing_queue_on_the_emulator_is_a_config_error(tasks, deliveries):
     with pytest.raises(errors.ConfigError, match="queues/no-such-queue"):
-        tasks.enqueue("no-such-queue", receiver.url("/"), {"token": "t"}, idempotency_key="k")
+        tasks.enqueue("no-such-queue", deliveries.url("/"), {"token": "t"}, idempotency_key="k")
 
 
 @pytest.mark.parametrize("google_error", [

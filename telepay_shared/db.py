@@ -530,6 +530,14 @@ class Database:
         finally:
             self._pool.release(connection, broken=broken)
 
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query now (for health checks); False when it is unavailable."""
+        try:
+            with self.transaction() as tx:
+                return tx.fetchvalue("SELECT 1") == 1
+        except errors.DatabaseUnavailable:
+            return False
+
     def stats(self) -> dict[str, int]:
         """Pool counters for health endpoints and tests."""
         return self._pool.stats()

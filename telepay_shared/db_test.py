@@ -322,6 +322,17 @@ def test_connect_refusal_is_database_unavailable_with_the_server_reason():
     assert db.stats()["open"] == 0
 
 
+def test_ping_says_whether_the_database_answers(open_database):
+    db = open_database()
+    assert db.ping() is True
+    assert db.stats()["in_use"] == 0
+    missing = Database.from_dsn(postgres.shared_server().dsn("no_such_database"))
+    assert missing.ping() is False
+    missing.close()
+    db.close()
+    assert db.ping() is False
+
+
 # --- transactions --------------------------------------------------------------------------------
 
 def test_transaction_commits_when_the_block_ends(open_database):

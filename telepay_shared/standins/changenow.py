@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +24,8 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal, InvalidOperation
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.serving import make_server
+
+from telepay_shared.standins.server import StandInServer
 
 DEFAULT_API_KEY = "standin-changenow-key"
 ROUTES = {
@@ -73,14 +73,16 @@ _AMOUNT_STEP = Decimal("0.00000001")
 _EVM_NETWORKS = ("eth", "bsc")
 
 
+@dataclass(eq=False)
 class ApiError(Exception):
     """A ChangeNOW-style error answer: HTTP status plus {"error", "message"}."""
 
-    def __init__(self, status: int, error: str, message: str):
-        super().__init__(f"{status} {error}: {message}")
-        self.status = status
-        self.error = error
-        self.message = message
+    status: int
+    error: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.error}: {self.message}"
 
 
 @dataclass
@@ -107,8 +109,10 @@ class Quote:
     to_amount: Decimal
 
 
-class ChangeNowStandIn:
+class ChangeNowStandIn(StandInServer):
     """ChangeNOW v2 stand-in served by werkzeug on 127.0.0.1 (ephemeral port by default)."""
+
+    url_path = "/v2"  # like the real base URL, what ChangeNowClient is given
 
     def __init__(
         self,
@@ -125,6 +129,7 @@ class ChangeNowStandIn:
         port: int = 0,
         hang_s: float = 5.0,
     ):
+        super().__init__(host, port, hang_s)
         self.api_key = api_key
         self.prices_usd = dict(prices_usd or DEFAULT_PRICES_USD)
         self.networks = dict(networks or DEFAULT_NETWORKS)
@@ -134,65 +139,10 @@ class ChangeNowStandIn:
         self.min_usd = min_usd
         self.max_usd = max_usd
         self.inactive_pairs = frozenset(inactive_pairs)
-        self.host = host
-        self.port = port
-        self.hang_s = hang_s
         self.exchanges: dict[str, dict[str, Any]] = {}
         self.requests_seen: list[dict[str, Any]] = []
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
-        self._lock = threading.Lock()
-        self._released = threading.Event()
-        self._server = None
-        self._thread: threading.Thread | None = None
         self.app = self._create_app()
-
-    # ---- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> "ChangeNowStandIn":
-        """Serve in a background daemon thread; returns self so `with ChangeNowStandIn().start()` reads well."""
-        self._bind()
-        # A short poll keeps stop() fast: shutdown() waits for the serve loop's next poll.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="changenow-standin", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (the dev stack's entry point)."""
-        self._bind()
-        try:
-            self._server.serve_forever()
-        finally:
-            self._server.server_close()
-
-    def stop(self) -> None:
-        """Release hanging requests, stop serving and free the port."""
-        self._released.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "ChangeNowStandIn":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """Base URL to give ChangeNowClient, ending in /v2 like the real one."""
-        if self._server is None:
-            raise RuntimeError("stand-in is not started")
-        return f"http://{self.host}:{self._server.server_port}/v2"
-
-    def _bind(self) -> None:
-        """Create the werkzeug server on host:port (port 0 picks a free one)."""
-        self._released.clear()
-        self._server = make_server(self.host, self.port, self.app, threaded=True)
 
     # ---- controls for tests and the dev stack ----------------------------------------------
 
@@ -256,6 +206,31 @@ class ChangeNowStandIn:
                 raise ValueError(f"exchange {exchange_id} is {record['status']}, not awaiting a deposit")
             self._credit_deposit(record, record["expectedAmountFrom"] if amount is None else Decimal(amount))
             record.update(status="confirming", updatedAt=_now_text())
+            return dict(record)
+
+    def open_exchange(
+        self,
+        from_currency: str,
+        to_currency: str,
+        amount: Decimal,
+        address: str,
+        *,
+        exchange_id: str | None = None,
+        status: str = "waiting",
+        amount_to: Decimal | None = None,
+    ) -> dict[str, Any]:
+        """Create an exchange as POST /exchange would (same checks, default networks), under `exchange_id`
+        when given, moved on to `status`, its amountTo set when given; returns its by-id view."""
+        if status not in STATUS_PROGRESSION + OTHER_STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        body = {"fromCurrency": from_currency, "toCurrency": to_currency, "fromAmount": amount, "address": address}
+        exchange_id = self._new_exchange(body, exchange_id)["id"]
+        if status != "waiting":
+            self.advance(exchange_id, status)
+        with self._lock:
+            record = self._record(exchange_id)
+            if amount_to is not None:
+                record["amountTo"] = Decimal(str(amount_to))
             return dict(record)
 
     def _record(self, exchange_id: str) -> dict[str, Any]:
@@ -327,8 +302,8 @@ class ChangeNowStandIn:
         gross = swapped_amount * rate * (1 - self.spread)
         return (gross - self.withdrawal_fees.get(to_currency, 0)).quantize(_AMOUNT_STEP, ROUND_DOWN)
 
-    def _new_exchange(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Validate a POST /exchange body, store the exchange and return the by-id record."""
+    def _new_exchange(self, body: dict[str, Any], exchange_id: str | None = None) -> dict[str, Any]:
+        """Validate a POST /exchange body, store the exchange (under a new id unless given) and return the by-id record."""
         quote = self.quote(body)
         address = str(body.get("address") or "").strip()
         if not _address_ok(quote.to_network, address):
@@ -338,7 +313,7 @@ class ChangeNowStandIn:
             raise ApiError(400, "not_valid_refund_address", "Invalid refund address")
         now = _now_text()
         record = {
-            "id": secrets.token_hex(7),
+            "id": exchange_id or secrets.token_hex(7),
             "status": "waiting",
             "actionsAvailable": False,
             "fromCurrency": quote.from_currency,
@@ -367,6 +342,8 @@ class ChangeNowStandIn:
             "payload": body.get("payload") or None,
         }
         with self._lock:
+            if record["id"] in self.exchanges:
+                raise ValueError(f"exchange {record['id']} already exists")
             self.exchanges[record["id"]] = record
         return record
 
@@ -579,12 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("CHANGENOW_API_KEY", DEFAULT_API_KEY))
     args = parser.parse_args(argv)
     standin = ChangeNowStandIn(api_key=args.api_key, host=args.host, port=args.port)
-    print(f"ChangeNOW stand-in on http://{args.host}:{args.port}/v2", flush=True)
-    try:
-        standin.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return standin.serve_until_interrupted("ChangeNOW stand-in")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,33 @@ def test_control_routes_for_the_dev_stack(http):
     assert http.post("/_standin/faults", json={"route": "nowhere", "kind": "hang"}).status_code == 400
 
 
+def test_open_exchange_creates_one_as_post_exchange_would(standin, http):
+    record = standin.open_exchange("eth", "usdt", Decimal("1"), EVM_WALLET)
+    assert re.fullmatch(r"[0-9a-f]{14}", record["id"]) and record["status"] == "waiting"
+    assert (record["fromNetwork"], record["toNetwork"], record["expectedAmountTo"]) == ("eth", "eth", Decimal("2468.05"))
+    body = exact_json(http.get("/v2/exchange/by-id", query_string={"id": record["id"]}, headers=HEADERS))
+    assert body == record
+    assert [seen["route"] for seen in standin.requests_seen] == ["by_id"]  # nothing went through POST /exchange
+
+
+def test_open_exchange_under_a_given_id_status_and_amount_to(standin):
+    record = standin.open_exchange("eth", "usdt", Decimal("1"), EVM_WALLET, exchange_id="legacy-cn-id",
+                                   status="finished", amount_to=Decimal("2400.5"))
+    assert (record["id"], record["status"], record["amountTo"]) == ("legacy-cn-id", "finished", Decimal("2400.5"))
+    assert record["amountFrom"] == Decimal("1") and re.fullmatch(r"0x[0-9a-f]{64}", record["payoutHash"])
+    assert standin.exchanges["legacy-cn-id"] == record and standin.exchanges["legacy-cn-id"] is not record
+    with pytest.raises(ValueError):
+        standin.open_exchange("eth", "usdt", Decimal("1"), EVM_WALLET, exchange_id="legacy-cn-id")
+
+
+def test_open_exchange_refuses_what_post_exchange_refuses(standin):
+    with pytest.raises(ValueError):
+        standin.open_exchange("eth", "usdt", Decimal("1"), EVM_WALLET, status="teleported")
+    with pytest.raises(standin_module.ApiError, match="not_valid_address"):
+        standin.open_exchange("eth", "usdt", Decimal("1"), "0x1234")
+    assert standin.exchanges == {}
+
+
 # ---- faults ------------------------------------------------------------------------------
 
 

@@ -16,19 +16,18 @@ method answer 429, 5xx, hang, or any given reply; a dev stack uses the /_standin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import secrets
-import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.serving import make_server
+
+from telepay_shared.standins.server import StandInServer
 
 DEFAULT_TOKEN = "123456789:standin-telegram-bot-token"
 METHODS = ("getMe", "createChatInviteLink", "revokeChatInviteLink", "sendMessage")
@@ -37,14 +36,16 @@ MAX_MESSAGE_CHARS = 4096
 MAX_MEMBER_LIMIT = 99999
 
 
+@dataclass(eq=False)
 class BotApiError(Exception):
     """A Bot API error answer: error_code (also the HTTP status) and description."""
 
-    def __init__(self, error_code: int, description: str, parameters: dict | None = None):
-        super().__init__(f"{error_code} {description}")
-        self.error_code = error_code
-        self.description = description
-        self.parameters = parameters
+    error_code: int
+    description: str
+    parameters: dict | None = None
+
+    def __str__(self) -> str:
+        return f"{self.error_code} {self.description}"
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Fault:
     hang_s: float = 0.0
 
 
-class TelegramStandIn:
+class TelegramStandIn(StandInServer):
     """Telegram Bot API stand-in served by werkzeug on 127.0.0.1 (ephemeral port by default)."""
 
     def __init__(self, tokens: tuple[str, ...] = (DEFAULT_TOKEN,), host: str = "127.0.0.1", port: int = 0,
@@ -74,55 +75,15 @@ class TelegramStandIn:
         malformed = [t for t in tokens if not re.fullmatch(r"[0-9]+:[A-Za-z0-9_-]+", t)]
         if malformed:
             raise ValueError("a bot token looks like <bot id>:<secret>")
+        super().__init__(host, port, hang_s)
         self.tokens = frozenset(tokens)
-        self.host = host
-        self.port = port
-        self.hang_s = hang_s
         self.requests_seen: list[dict[str, Any]] = []
         self.messages: list[dict[str, Any]] = []
         self.invite_links: dict[str, dict[str, Any]] = {}
         self._chats: dict[int, Chat] = {}
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
         self._message_ids = defaultdict(int)
-        self._lock = threading.Lock()
-        self._released = threading.Event()
-        self._server = None
         self.app = self._create_app()
-
-    # ---- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> "TelegramStandIn":
-        """Serve in a background daemon thread."""
-        self._server = make_server(self.host, self.port, self.app, threaded=True)
-        self._released.clear()
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="telegram-standin", daemon=True).start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (the dev stack's entry point)."""
-        with make_server(self.host, self.port, self.app, threaded=True) as server:
-            server.serve_forever()
-
-    def stop(self) -> None:
-        """Release hanging requests, stop serving (shutdown waits for the loop) and free the port."""
-        self._released.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-    def __enter__(self) -> "TelegramStandIn":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """Base URL to use instead of https://api.telegram.org."""
-        if self._server is None:
-            raise RuntimeError("stand-in is not started")
-        return f"http://{self.host}:{self._server.server_port}"
 
     # ---- controls for tests and the dev stack ----------------------------------------------
 
@@ -377,10 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tokens = tuple(args.token or [os.environ.get("TELEGRAM_BOT_SECRET_NAME", "").strip() or DEFAULT_TOKEN])
     standin = TelegramStandIn(tokens=tokens, host=args.host, port=args.port)
-    print(f"Telegram Bot API stand-in on http://{args.host}:{args.port}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a developer stops it
-        standin.serve_forever()
-    return 0
+    return standin.serve_until_interrupted("Telegram Bot API stand-in")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 import pg8000.dbapi
 
 from telepay_shared.migrate import apply_migrations
+from telepay_shared.testing.harness import Harness
 
 BINDIR_ENV = "TELEPAY_POSTGRES_BINDIR"
 SUPERUSER = "postgres"
@@ -124,7 +125,7 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-class PostgresServer:
+class PostgresServer(Harness):
     """One PostgreSQL cluster in a temporary directory, owned by this process."""
 
     def __init__(self, bindir: Path | None = None):
@@ -152,14 +153,11 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         """initdb into a new temporary directory and start the server; returns self once it accepts connections."""
         self._root = Path(tempfile.mkdtemp(prefix="telepay-pg-", dir=_cluster_parent()))
-        try:
+        with self.stopped_on_failure():
             if self._account is not None:
                 os.chown(self._root, self._account.pw_uid, self._account.pw_gid)
             self._run_initdb()
             self._launch()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def stop(self) -> None:
@@ -176,12 +174,6 @@ class PostgresServer:
         root, self._root = self._root, None
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     def execute_autocommit(self, sql: str, database: str = "postgres") -> None:
         """Run one statement as the superuser outside a transaction (CREATE/DROP DATABASE need that)."""

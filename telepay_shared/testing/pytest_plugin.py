@@ -1,5 +1,6 @@
 """pytest fixtures every service's tests share: real Cloud Tasks emulator, delivery recorder,
-ChangeNOW stand-in, a fresh migrated PostgreSQL database, and a service environment wired to them.
+ChangeNOW stand-in, a fresh migrated PostgreSQL database, and a service environment wired to them;
+and `delivered_tokens`, the hop tokens a recorder received, decoded.
 
 A service test module opts in with ``pytest_plugins = ["telepay_shared.testing.pytest_plugin"]``.
 The keys are the legacy golden-vector keys, so tokens minted by the legacy code verify here.
@@ -7,10 +8,13 @@ The keys are the legacy golden-vector keys, so tokens minted by the legacy code 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
+from telepay_shared import tokens
 from telepay_shared.cloudtasks import TasksClient
 from telepay_shared.config import load_config
 from telepay_shared.db import Database
@@ -25,39 +29,40 @@ KEYS = dict(VECTORS["keys"])
 CHANGENOW_TEST_KEY = "test-changenow-api-key"
 
 
+def _entered(context: AbstractContextManager) -> Iterator:
+    """A fixture's body: yield what `context` gives from inside it, so it ends with the fixture's scope."""
+    with context as value:
+        yield value
+
+
 @pytest.fixture(scope="session")
 def tasks_emulator():
     """One Cloud Tasks emulator for the whole test session."""
-    with TasksEmulator() as emulator:
-        yield emulator
+    yield from _entered(TasksEmulator())
 
 
 @pytest.fixture
 def deliveries():
     """An HTTP receiver standing in for the next hop; records every task delivered to it."""
-    with DeliveryRecorder() as recorder:
-        yield recorder
+    yield from _entered(DeliveryRecorder())
 
 
 @pytest.fixture
 def changenow():
     """A ChangeNOW v2 stand-in on 127.0.0.1."""
-    with ChangeNowStandIn(api_key=CHANGENOW_TEST_KEY) as standin:
-        yield standin
+    yield from _entered(ChangeNowStandIn(api_key=CHANGENOW_TEST_KEY))
 
 
 @pytest.fixture
 def database_url():
     """DSN of a new database with every migration applied, on a real PostgreSQL server."""
-    with fresh_database() as dsn:
-        yield dsn
+    yield from _entered(fresh_database())
 
 
 @pytest.fixture
 def database(database_url):
     """A pool on that database, for arranging and asserting rows."""
-    with Database.from_dsn(database_url) as db:
-        yield db
+    yield from _entered(Database.from_dsn(database_url))
 
 
 @pytest.fixture
@@ -102,3 +107,11 @@ def load_service_config():
         return load_config(declaration, environ=env)
 
     return load
+
+
+def delivered_tokens(recorder: DeliveryRecorder, hop: tokens.Hop | str, path: str, *, count: int = 1,
+                     keys: Mapping[str, str] = KEYS, now: float | None = None) -> list[dict]:
+    """The fields of the `hop` tokens in the JSON bodies of exactly `count` deliveries, all to `path`."""
+    delivered = recorder.expect_exactly(count)
+    assert {delivery.path for delivery in delivered} <= {path}, [delivery.path for delivery in delivered]
+    return [tokens.decode(hop, json.loads(delivery.body)["token"], keys, now=now) for delivery in delivered]

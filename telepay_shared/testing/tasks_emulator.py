@@ -62,6 +62,8 @@ from pathlib import Path
 import grpc
 from google.api_core import exceptions as gexc
 
+from telepay_shared.testing.harness import Harness
+
 LOOPBACK = "127.0.0.1"
 EMULATOR_MODULE = "telepay_shared.testing.tasks_emulator"
 
@@ -102,17 +104,7 @@ def _child_environment() -> dict:
     return environment
 
 
-class _StartStopContext:
-    """Context-manager protocol for a harness that has start() and stop()."""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-class TasksEmulator(_StartStopContext):
+class TasksEmulator(Harness):
     """gcloud-tasks-emulator (patched for fidelity) running as a subprocess on 127.0.0.1."""
 
     def __init__(self, startup_timeout_s: float = 20.0, max_retries: int = -1):
@@ -147,11 +139,8 @@ class TasksEmulator(_StartStopContext):
                 command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 env=_child_environment(),
             )
-        try:
+        with self.stopped_on_failure():
             self._wait_until_serving()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _wait_until_serving(self) -> None:
@@ -196,7 +185,7 @@ class Delivery:
     received_at: float  # time.monotonic() when the body had been read
 
 
-class DeliveryRecorder(_StartStopContext):
+class DeliveryRecorder(Harness):
     """An HTTP server on 127.0.0.1 that records every POST and answers the next scripted status."""
 
     def __init__(self, statuses=()):

@@ -1,0 +1,51 @@
+"""Tests of the plugin's helper delivered_tokens, against the plugin's own delivery recorder."""
+import json
+import urllib.request
+
+import pytest
+
+from telepay_shared import errors, hops, tokens
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
+
+pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
+
+ESTIMATE = VECTORS["hops"]["gcsplit1->gcsplit2"]
+LEGACY_CLOCK = VECTORS["created_at"]
+
+
+def deliver(recorder, path: str, token: str) -> None:
+    """POST a task body carrying `token`, as the emulator delivers it."""
+    request = urllib.request.Request(recorder.url(path), data=json.dumps({"token": token}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+
+
+def test_decodes_every_delivered_token_in_order(deliveries):
+    fields = {**ESTIMATE["fields"], "user_id": 42}
+    deliver(deliveries, "/gcsplit2", ESTIMATE["token"])
+    deliver(deliveries, "/gcsplit2", tokens.encode(hops.ESTIMATE_REQUEST, fields, KEYS, now=LEGACY_CLOCK))
+    decoded = delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/gcsplit2", count=2, now=LEGACY_CLOCK)
+    assert decoded == [{**ESTIMATE["fields"], "timestamp": LEGACY_CLOCK}, {**fields, "timestamp": LEGACY_CLOCK}]
+
+
+def test_a_delivery_elsewhere_or_a_wrong_count_fails(deliveries):
+    deliver(deliveries, "/gcsplit3", ESTIMATE["token"])
+    with pytest.raises(AssertionError, match="/gcsplit3"):
+        delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/gcsplit2", now=LEGACY_CLOCK)
+    deliver(deliveries, "/gcsplit3", ESTIMATE["token"])
+    with pytest.raises(AssertionError, match="exactly 1"):
+        delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/gcsplit3", now=LEGACY_CLOCK)
+
+
+def test_keys_and_clock_are_the_callers(deliveries):
+    other_keys = {**KEYS, hops.ESTIMATE_REQUEST.key: "another-signing-key"}
+    deliver(deliveries, "/", tokens.encode(hops.ESTIMATE_REQUEST, ESTIMATE["fields"], other_keys, now=LEGACY_CLOCK))
+    decoded = delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/", keys=other_keys, now=LEGACY_CLOCK)
+    assert decoded[0]["timestamp"] == LEGACY_CLOCK
+    with pytest.raises(errors.TokenRejected) as rejected:
+        delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/", now=LEGACY_CLOCK)
+    assert rejected.value.reason == "bad_signature"
+    with pytest.raises(errors.TokenRejected) as rejected:
+        delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/", keys=other_keys, now=LEGACY_CLOCK - 30 * 86400)
+    assert rejected.value.reason == "future"
