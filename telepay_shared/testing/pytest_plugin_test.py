@@ -49,3 +49,13 @@ def test_keys_and_clock_are_the_callers(deliveries):
     with pytest.raises(errors.TokenRejected) as rejected:
         delivered_tokens(deliveries, hops.ESTIMATE_REQUEST, "/", keys=other_keys, now=LEGACY_CLOCK - 30 * 86400)
     assert rejected.value.reason == "future"
+
+
+def test_a_stale_task_for_an_earlier_recorder_on_the_same_port_is_not_recorded(deliveries):
+    # The session's emulator keeps redelivering earlier tests' tasks; the port may be reused.
+    base = deliveries.url("/").split("/", 3)
+    stale = urllib.request.Request(f"{base[0]}//{base[2]}/0123456789ab/usdt-eth-estimate", data=b"{}", method="POST")
+    assert urllib.request.urlopen(stale).status == 200  # accepted, so the emulator stops retrying
+    assert deliveries.deliveries() == []
+    deliver(deliveries, "/usdt-eth-estimate", ESTIMATE["token"])
+    assert [d.path for d in deliveries.deliveries()] == ["/usdt-eth-estimate"]

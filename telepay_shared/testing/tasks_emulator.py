@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -190,6 +191,9 @@ class DeliveryRecorder(Harness):
 
     def __init__(self, statuses=()):
         self._statuses = list(statuses)  # answered in order, then 200
+        # URLs carry a prefix unique to this recorder: the emulator keeps redelivering an earlier
+        # test's tasks, and a later recorder may be given the same port; those are not ours.
+        self._prefix = "/" + secrets.token_hex(6)
         self._deliveries: list[Delivery] = []
         self._changed = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -211,14 +215,20 @@ class DeliveryRecorder(Harness):
 
     def url(self, path: str = "/") -> str:
         """Return the absolute URL of `path` on this receiver."""
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}{path}"
+        return f"http://{LOOPBACK}:{self._server.server_address[1]}{self._prefix}{path}"
 
     def _record(self, handler: BaseHTTPRequestHandler) -> None:
         """Store one request and answer it with the next scripted status."""
         body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
         headers = {name.lower(): value for name, value in handler.headers.items()}
+        if not handler.path.startswith(self._prefix):
+            handler.send_response(200)  # a stale task of another recorder: accept it so it stops
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         with self._changed:
-            self._deliveries.append(Delivery(handler.path, headers, body, time.monotonic()))
+            path = handler.path[len(self._prefix):] or "/"
+            self._deliveries.append(Delivery(path, headers, body, time.monotonic()))
             status = self._statuses.pop(0) if self._statuses else 200
             self._changed.notify_all()
         handler.send_response(status)
