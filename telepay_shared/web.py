@@ -264,6 +264,16 @@ def verify_hmac_header(
         raise Unauthorized(f"{header_name} does not match the request body")
 
 
+def sign_body(
+    raw: bytes, secret: bytes | str | Secret, header_name: str = "X-Webhook-Signature", algorithm: str = "sha256"
+) -> dict[str, str]:
+    """The header verify_hmac_header accepts for raw: header_name -> hex HMAC of the exact bytes sent."""
+    key = _key_bytes(secret)
+    if not key:
+        raise ValueError("the HMAC key is empty; refusing to sign with it")
+    return {header_name: hmac.new(key, raw, algorithm).hexdigest()}
+
+
 class CachedCertsTransport:
     """google-auth transport that keeps successful GETs (Google's signing certs) for ttl_s."""
 

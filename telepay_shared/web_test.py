@@ -309,6 +309,21 @@ def test_verify_hmac_header_supports_other_algorithms_and_refuses_an_empty_key(c
             web.verify_hmac_header("", "x-nowpayments-sig", "sha512")
 
 
+def test_sign_body_makes_the_header_verify_hmac_header_accepts(client):
+    body = b'{"user_id": 1}'
+    headers = web.sign_body(body, Secret("KEY", HMAC_KEY))
+    assert headers == {"X-Webhook-Signature": hmac.new(HMAC_KEY.encode(), body, hashlib.sha256).hexdigest()}
+    response = client.post("/hmac", data=body, content_type="application/json", headers=headers)
+    assert response.get_json() == {"status": "ok", "auth": "hmac"}
+
+
+def test_sign_body_names_its_header_and_algorithm_and_refuses_an_empty_key():
+    assert web.sign_body(b"{}", b"ipn-secret", "x-nowpayments-sig", "sha512") == {
+        "x-nowpayments-sig": hmac.new(b"ipn-secret", b"{}", hashlib.sha512).hexdigest()}
+    with pytest.raises(ValueError, match="HMAC key is empty"):
+        web.sign_body(b"{}", "")
+
+
 # ---------------------------------------------------------------- OIDC
 
 
