@@ -11,12 +11,11 @@ from pathlib import Path
 import flask
 
 from telepay_shared import web
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcaccumulator import rules
 
-SERVICE = "gcaccumulator"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -24,7 +23,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
-    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
+    app = web.create_app(config.service, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     @app.post("/")
     @app.auth.required
@@ -40,4 +39,4 @@ def create_app(config: Config | None = None, *, database: Database | None = None
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

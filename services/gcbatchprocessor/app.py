@@ -13,12 +13,11 @@ import flask
 
 from telepay_shared import hops, tokens, web
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcbatchprocessor import rules
 
-SERVICE = "gcbatchprocessor"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -29,7 +28,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
     batch_payout_url = config.GCSPLIT1_URL.rstrip("/") + "/batch-payout"
-    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
+    app = web.create_app(config.service, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     def send_to_gcsplit1(batch: rules.PendingBatch) -> str:
         """Enqueue T9 under the batch's task name (a resend is refused by Cloud Tasks), then mark it processing."""
@@ -52,4 +51,4 @@ def create_app(config: Config | None = None, *, database: Database | None = None
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -13,7 +13,7 @@ import pytest
 
 from telepay_shared import hops, tokens
 from telepay_shared.config import ConfigError
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
 
 from services.gcbatchprocessor.app import CONFIG_PATH, create_app
 
@@ -68,12 +68,10 @@ def paid_ids(database) -> dict[int, str]:
 
 
 def delivered_t9(deliveries, count: int) -> list[dict]:
-    """The T9 bodies GCSplit1's /batch-payout received, with the token decoded."""
-    got = deliveries.expect_exactly(count)
-    assert {d.path for d in got} <= {"/batch-payout"}
-    bodies = [json.loads(d.body) for d in got]
-    assert all(body["batch_mode"] is True for body in bodies)
-    return [tokens.decode(hops.BATCH_PAYOUT, body["token"], KEYS) for body in bodies]
+    """The T9 tokens GCSplit1's /batch-payout received, decoded (each sent with batch_mode true)."""
+    t9s = delivered_tokens(deliveries, hops.BATCH_PAYOUT, "/batch-payout", count=count)
+    assert all(json.loads(d.body)["batch_mode"] is True for d in deliveries.deliveries())
+    return t9s
 
 
 @pytest.fixture

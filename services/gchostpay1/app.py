@@ -20,14 +20,13 @@ import flask
 from telepay_shared import errors, hops, tokens, web
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gchostpay1 import rules
 
 log = logging.getLogger(__name__)
 
-SERVICE = "gchostpay1"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -41,7 +40,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     tasks = tasks or TasksClient.from_config(config)
     retry_url = config.GCHOSTPAY1_URL.rstrip("/") + "/retry-callback-check"
     swap_executed_url = config.MICROBATCH_URL.rstrip("/") + "/swap-executed"
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
+    app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
     def received(hop) -> dict:
         """The request's token decoded as `hop`; its payout tags every log line."""
@@ -153,11 +152,5 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     return app
 
 
-def _ping(database: Database) -> bool:
-    """The health check: one round trip to the database."""
-    with database.transaction() as tx:
-        return tx.fetchvalue("SELECT 1") == 1
-
-
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -14,9 +14,8 @@ from decimal import Decimal
 import pytest
 
 from telepay_shared import hops, tokens
-from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import task_id_for
-from telepay_shared.testing.pytest_plugin import CHANGENOW_TEST_KEY, KEYS, VECTORS
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
 
 from services.gchostpay1 import rules
 from services.gchostpay1.app import CONFIG_PATH, create_app
@@ -73,16 +72,8 @@ def legacy_client(make_client):
 
 def open_exchange(changenow, status="waiting", exchange_id=None, amount_to=None) -> str:
     """An eth->usdt exchange at the stand-in, at `status`, under `exchange_id` if given."""
-    created = ChangeNowClient(CHANGENOW_TEST_KEY, base_url=changenow.url).create_exchange(
-        "eth", "usdt", Decimal("0.0161"), HOST_USDT_WALLET, "eth", "eth")
-    record = changenow.exchanges.pop(created.exchange_id)
-    record["id"] = exchange_id or created.exchange_id
-    changenow.exchanges[record["id"]] = record
-    if status != "waiting":
-        changenow.advance(record["id"], status)
-    if amount_to is not None:
-        record["amountTo"] = amount_to
-    return record["id"]
+    return changenow.open_exchange("eth", "usdt", Decimal("0.0161"), HOST_USDT_WALLET, exchange_id=exchange_id,
+                                   status=status, amount_to=amount_to)["id"]
 
 
 def delivered(deliveries, path: str, count: int = 1) -> list:

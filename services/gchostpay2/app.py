@@ -15,11 +15,10 @@ import flask
 from telepay_shared import hops, tokens, web
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 
 from services.gchostpay2 import rules
 
-SERVICE = "gchostpay2"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -30,7 +29,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     status_verified_url = rules.status_verified_url(config.GCHOSTPAY1_URL)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(config.service, config)
 
     @app.post("/")
     @app.auth.required
@@ -55,4 +54,4 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -9,9 +9,8 @@ from decimal import Decimal
 import pytest
 
 from telepay_shared import hops, tokens
-from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import task_id_for
-from telepay_shared.testing.pytest_plugin import CHANGENOW_TEST_KEY, KEYS, VECTORS
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
 
 from services.gchostpay2.app import CONFIG_PATH, create_app
 
@@ -38,9 +37,7 @@ def client(make_client):
 
 def open_exchange(changenow, status="waiting") -> str:
     """An eth->usdt exchange at the stand-in, moved on to `status`."""
-    exchange_id = ChangeNowClient(CHANGENOW_TEST_KEY, base_url=changenow.url).create_exchange(
-        "eth", "usdt", Decimal("0.02"), HOST_USDT_WALLET, "eth", "eth").exchange_id
-    return exchange_id if status == "waiting" else changenow.advance(exchange_id, status)["id"]
+    return changenow.open_exchange("eth", "usdt", Decimal("0.02"), HOST_USDT_WALLET, status=status)["id"]
 
 
 def fresh_t10(exchange_id: str, **changes) -> tuple[str, str]:

@@ -18,14 +18,13 @@ import flask
 from telepay_shared import hops, tokens, web
 from telepay_shared.alerts import Alerter
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gchostpay3 import rules
 from services.gchostpay3.executor import PaymentExecutor, Settings
 from services.gchostpay3.wallet import Wallet, node_redactor
 
-SERVICE = "gchostpay3"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -36,10 +35,10 @@ def create_app(config: Config | None = None, *, tasks: TasksClient | None = None
     executor = PaymentExecutor(
         Settings.from_config(config), database=database or Database.from_env(config),
         wallet=wallet or Wallet.from_config(config), tasks=tasks or TasksClient.from_config(config),
-        alerter=alerter or Alerter.from_config(SERVICE, config), assets=rules.assets_from_config(config),
+        alerter=alerter or Alerter.from_config(config.service, config), assets=rules.assets_from_config(config),
         keys=config, redact=node_redactor(config),
     )
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(config.service, config)
 
     @app.post("/")
     @app.auth.required
@@ -56,4 +55,4 @@ def create_app(config: Config | None = None, *, tasks: TasksClient | None = None
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

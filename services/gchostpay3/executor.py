@@ -45,22 +45,16 @@ BLOCKED_EVENT = "eth_payment_blocked"
 FAILED, PENDING_REVIEW, RETRY_SCHEDULED, SUCCESS = "failed_permanently", "pending_review", "retry_scheduled", "success"
 
 
-class AwaitingConfirmation(errors.TransientError):
+class AwaitingConfirmation(errors.TransientError, code="awaiting_confirmation"):
     """The transfer is broadcast but not mined yet: Cloud Tasks should come back."""
 
-    code = "awaiting_confirmation"
 
-
-class TransferNotSent(errors.TransientError):
+class TransferNotSent(errors.TransientError, code="broadcast_failed"):
     """The recorded transfer could not be handed to the node this time; it is retried as it is."""
 
-    code = "broadcast_failed"
 
-
-class PayoutBlocked(errors.TransientError):
+class PayoutBlocked(errors.TransientError, code="payout_blocked"):
     """The wallet cannot pay yet (too little ETH or tokens, wrong token configuration): an operator must act."""
-
-    code = "payout_blocked"
 
 
 @dataclass(frozen=True)

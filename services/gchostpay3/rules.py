@@ -4,9 +4,11 @@ Spec §4.12, §7.5, §8.3. Everything here is pure: no node, no database, no clo
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import requests
 from eth_utils import is_address, is_checksum_address, is_hex_address, to_checksum_address
@@ -191,25 +193,14 @@ def review_due(order: Order, now: float, review_after_s: int) -> bool:
     return now - order.issued_at >= review_after_s
 
 
-# Legacy's error classifier (spec §7.5): first match wins, on the lower-cased "<type>: <message>".
+# Legacy's error classifier (spec §7.5), kept as data in failure_classes.json: rows of [code,
+# retryable, pattern], first match wins, on the lower-cased "<type>: <message>".
 # Retryability differs where legacy's flag was never used and is wrong for a payment service: an
 # unreachable node (RPC_CONNECTION_FAILED) is an outage to wait out, not a configuration fault, and an
 # unknown failure before broadcasting is retried within the attempt limit rather than given up at once.
 _CLASSIFIER: tuple[tuple[str, bool, re.Pattern], ...] = tuple(
-    (code, retryable, re.compile(pattern)) for code, retryable, pattern in (
-        ("INSUFFICIENT_FUNDS", False, r"insufficient funds|enough balance|exceeds balance"),
-        ("INVALID_ADDRESS", False, r"invalid address|checksum|not a valid (ethereum )?address"),
-        ("INVALID_AMOUNT", False, r"invalid amount|negative value|value must be"),
-        ("TRANSACTION_REVERTED_PERMANENT", False, r"revert"),
-        ("RATE_LIMIT_EXCEEDED", True, r"rate limit|too many requests"),
-        ("NONCE_CONFLICT", True, r"nonce|replacement transaction|already known|known transaction"),
-        ("GAS_PRICE_SPIKE", True, r"underpriced|fee cap|max fee per gas less than|base fee"),
-        ("CONFIRMATION_TIMEOUT", True, r"timeexhausted|not in the chain after|confirmation timeout"),
-        ("NETWORK_TIMEOUT", True, r"timeout|timed out"),
-        ("RPC_CONNECTION_FAILED", True, r"connection|connect|unreachable"),
-        ("WALLET_UNLOCKED_FAILED", False, r"private key|sign"),
-        ("WEB3_INITIALIZATION_FAILED", False, r"web3|provider"),
-    ))
+    (code, retryable, re.compile(pattern))
+    for code, retryable, pattern in json.loads(Path(__file__).with_name("failure_classes.json").read_text()))
 UNKNOWN = Failure("UNKNOWN_ERROR", True)
 
 

@@ -15,12 +15,11 @@ import flask
 from telepay_shared import hops, tokens, web
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcmicrobatchprocessor import rules
 
-SERVICE = "gcmicrobatchprocessor"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -32,7 +31,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
     hostpay_url = config.GCHOSTPAY1_URL.rstrip("/") + "/"
-    app = web.create_app(SERVICE, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
+    app = web.create_app(config.service, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     def hand_over(order: dict) -> str:
         """Send T15 to GCHostPay1 under the batch's task name, then stop resuming the batch."""
@@ -66,4 +65,4 @@ def create_app(config: Config | None = None, *, database: Database | None = None
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -13,7 +13,7 @@ import pytest
 
 from telepay_shared import errors, hops, tokens
 from telepay_shared.config import ConfigError
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
 
 from services.gcmicrobatchprocessor.app import CONFIG_PATH, create_app
 
@@ -60,9 +60,7 @@ def creates(changenow) -> list[dict]:
 
 def delivered_orders(deliveries, count: int) -> list[dict]:
     """The T15 tokens delivered to GCHostPay1's POST /, decoded."""
-    got = deliveries.expect_exactly(count)
-    assert {d.path for d in got} <= {"/"}
-    return [tokens.decode(hops.MICROBATCH_ORDER, json.loads(d.body)["token"], KEYS) for d in got]
+    return delivered_tokens(deliveries, hops.MICROBATCH_ORDER, "/", count=count)
 
 
 class EnqueueFailsFirst:

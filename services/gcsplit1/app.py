@@ -20,12 +20,11 @@ import flask
 
 from telepay_shared import errors, hops, tokens, web
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcsplit1 import rules
 
-SERVICE = "gcsplit1"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 SIGNATURE_HEADER = hops.SIGNATURE_HEADERS[hops.INSTANT_SPLIT.name]
 
@@ -38,7 +37,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _database_answers(database)})
+    app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
     def request_estimate(estimate_request: dict, message: str, **answer) -> dict:
         """Send T4 to GCSplit2 unless this payout already has its split_payout_request."""
@@ -118,11 +117,5 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     return app
 
 
-def _database_answers(database: Database) -> bool:
-    """Health: the database answers a trivial query."""
-    with database.transaction() as tx:
-        return tx.fetchvalue("SELECT 1") == 1
-
-
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -14,7 +14,7 @@ from decimal import Decimal
 import pytest
 
 from telepay_shared import errors, hops, tokens
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
 
 from services.gcsplit1 import rules
 from services.gcsplit1.app import CONFIG_PATH, SIGNATURE_HEADER, create_app
@@ -82,9 +82,7 @@ def token(hop, vector, now=NOW, keys=KEYS, **changes) -> str:
 
 def delivered(deliveries, path, hop, count=1) -> list[dict]:
     """Decode the tokens the emulator delivered to `path` (checks that nothing went anywhere else)."""
-    got = deliveries.expect_exactly(count)
-    assert {d.path for d in got} == {path}
-    return [tokens.decode(hop, json.loads(d.body)["token"], KEYS, now=NOW) for d in got]
+    return delivered_tokens(deliveries, hop, path, count=count, now=NOW)
 
 
 def rows(database, table: str) -> list[dict]:

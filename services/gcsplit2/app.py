@@ -13,11 +13,10 @@ import flask
 from telepay_shared import hops, tokens, web
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 
 from services.gcsplit2 import rules
 
-SERVICE = "gcsplit2"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -27,7 +26,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     config = config or load_config(CONFIG_PATH)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(config.service, config)
 
     @app.post("/")
     @app.auth.required
@@ -40,7 +39,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
         # A redelivered T4 maps to the same task name, so Cloud Tasks refuses a second T5.
         task = tasks.enqueue(
             config.GCSPLIT2_RESPONSE_QUEUE, config.GCSPLIT1_ESTIMATE_RESPONSE_URL, {"token": response},
-            idempotency_key=f"{SERVICE}:{request.get('payout_key') or token}",
+            idempotency_key=f"gcsplit2:{request.get('payout_key') or token}",
         )
         return {"status": "success", "message": "Estimate sent to GCSplit1", "task_id": task}
 
@@ -48,4 +47,4 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

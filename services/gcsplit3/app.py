@@ -20,11 +20,10 @@ import flask
 from telepay_shared import hops, tokens, web
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 
 from services.gcsplit3 import rules
 
-SERVICE = "gcsplit3"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -34,7 +33,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     config = config or load_config(CONFIG_PATH)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
-    app = web.create_app(SERVICE, config)
+    app = web.create_app(config.service, config)
 
     def body_token(hop) -> dict:
         """The request's {"token"} decoded as `hop`."""
@@ -75,4 +74,4 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
 
 
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -14,11 +14,8 @@ ACCUMULATOR_FROM, ACCUMULATOR_TO = "eth", "usdt"
 SWAP_CREATED_TARGET = "GCACCUMULATOR_SWAP_CREATED_URL"
 
 
-class SwapCreatedTargetMissing(errors.TelePayError):
+class SwapCreatedTargetMissing(errors.TelePayError, status=501, code="not_configured"):
     """T19 has nowhere to go: answered before any exchange exists (legacy created one, then failed)."""
-
-    http_status = 501
-    code = "not_configured"
 
 
 def swap_amount(value: float, field: str) -> Decimal:

@@ -15,12 +15,11 @@ import flask
 
 from telepay_shared import errors, hops, tokens, web
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcwebhook1 import rules
 
-SERVICE = "gcwebhook1"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -30,7 +29,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     tasks = tasks or TasksClient.from_config(config)
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)},
+    app = web.create_app(config.service, config, health_checks={"database": database.ping},
                          hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 
     @app.post("/process-validated-payment")
@@ -87,11 +86,5 @@ def _utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _ping(database: Database) -> bool:
-    """The database answers a trivial query."""
-    with database.transaction() as tx:
-        return tx.fetchvalue("SELECT 1") == 1
-
-
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

@@ -2,8 +2,6 @@
 (spec §4.2, §8.2, defects 8 and 20)."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -124,7 +122,7 @@ def threshold_credit(payment: ValidatedPayment, subscription_id: int, now: datet
         "nowpayments_payment_id": payment.payment_id, "nowpayments_pay_address": payment.pay_address,
         "nowpayments_outcome_amount": float(payment.outcome_amount),
     }).encode()
-    return raw, {"X-Webhook-Signature": hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()}
+    return raw, web.sign_body(raw, secret)
 
 
 # ---------------------------------------------------------------------------- the database

@@ -14,13 +14,12 @@ from pathlib import Path
 import flask
 
 from telepay_shared import hops, tokens, web
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.gcwebhook2 import rules
 from services.gcwebhook2.telegram import TelegramBot
 
-SERVICE = "gcwebhook2"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 
@@ -30,7 +29,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
     bot = bot or TelegramBot.from_config(config)
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
+    app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
     @app.post("/")
     @app.auth.required
@@ -55,11 +54,5 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     return app
 
 
-def _ping(database: Database) -> None:
-    """The database is reachable."""
-    with database.transaction() as tx:
-        tx.execute("SELECT 1")
-
-
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

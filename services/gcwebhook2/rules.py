@@ -15,22 +15,16 @@ INVITE_LIFETIME_S = 3600  # the link expires after an hour and admits one member
 INVITE_MESSAGE = "✅ You've been granted access!\nHere is your one-time invite link:\n{link}"
 
 
-class PaymentNotConfirmed(errors.TransientError):
+class PaymentNotConfirmed(errors.TransientError, code="payment_not_confirmed"):
     """The IPN has not reached the subscription row yet, or NowPayments has not finished the payment."""
 
-    code = "payment_not_confirmed"
 
-
-class ChannelRefusesInvites(errors.TransientError):
+class ChannelRefusesInvites(errors.TransientError, code="channel_refuses_invites"):
     """Telegram refuses invite links for the channel (bot not an admin there): fixable while Cloud Tasks retries."""
 
-    code = "channel_refuses_invites"
 
-
-class PaymentBelowTolerance(errors.PermanentError):
+class PaymentBelowTolerance(errors.PermanentError, code="payment_below_tolerance"):
     """What the customer paid is too far below the declared price for an invite."""
-
-    code = "payment_below_tolerance"
 
 
 def payment_id(value) -> int:

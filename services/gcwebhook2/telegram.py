@@ -19,22 +19,16 @@ TELEGRAM_API_URL = "https://api.telegram.org"
 TIMEOUT_S = 10
 
 
-class TelegramUnavailable(errors.TransientError):
+class TelegramUnavailable(errors.TransientError, code="telegram_unavailable"):
     """Telegram did not serve the call (5xx, timeout, bad token); Cloud Tasks retries."""
 
-    code = "telegram_unavailable"
 
-
-class TelegramRateLimited(errors.RateLimited):
+class TelegramRateLimited(errors.RateLimited, code="telegram_rate_limited"):
     """Telegram's flood control; retry_after_s is its parameters.retry_after."""
 
-    code = "telegram_rate_limited"
 
-
-class TelegramRejected(errors.PermanentError):
+class TelegramRejected(errors.PermanentError, code="telegram_rejected"):
     """Telegram refused the call itself (400 Bad Request, 403 Forbidden); repeating it cannot succeed."""
-
-    code = "telegram_rejected"
 
     def __init__(self, method: str, error_code: int, description: str):
         super().__init__(f"{method}: {error_code} {description}", telegram_error_code=error_code)

@@ -15,13 +15,12 @@ import flask
 
 from telepay_shared import errors, hops, tokens, web
 from telepay_shared.cloudtasks import TasksClient
-from telepay_shared.config import Config, load_config
+from telepay_shared.config import Config, load_config, read_declaration
 from telepay_shared.db import Database
 
 from services.npwebhook import rules
 from services.npwebhook.prices import CoinGeckoPrices
 
-SERVICE = "npwebhook"
 CONFIG_PATH = Path(__file__).with_name("service_config.json")
 LANDING_PAGE = Path(__file__).with_name("payment_processing.html")
 
@@ -34,7 +33,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     tasks = tasks or TasksClient.from_config(config)
     prices = prices or CoinGeckoPrices.from_config(config)
     forward_url = config.GCWEBHOOK1_URL.rstrip("/") + "/process-validated-payment"
-    app = web.create_app(SERVICE, config, health_checks={"database": lambda: _ping(database)})
+    app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
     @app.post("/")
     def payment_notification():
@@ -92,11 +91,5 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     return app
 
 
-def _ping(database: Database) -> None:
-    """The database answers a trivial query."""
-    with database.transaction() as tx:
-        tx.fetchvalue("SELECT 1")
-
-
 if __name__ == "__main__":
-    web.serve(create_app, service_name=SERVICE)
+    web.serve(create_app, service_name=read_declaration(CONFIG_PATH).service)

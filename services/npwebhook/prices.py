@@ -27,10 +27,8 @@ COIN_IDS = {
 }
 
 
-class PriceUnavailable(errors.TransientError):
+class PriceUnavailable(errors.TransientError, code="price_unavailable"):
     """No usable USD price right now; the notification is answered 503 so NowPayments retries."""
-
-    code = "price_unavailable"
 
 
 class CoinGeckoPrices:

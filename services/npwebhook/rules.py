@@ -2,8 +2,6 @@
 validated-payment task for GCWebhook1 (spec §4.1, §8.8, defects 10, 19, 22)."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import re
@@ -11,7 +9,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
-from telepay_shared import errors, hops, tokens
+from telepay_shared import errors, hops, tokens, web
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +19,13 @@ USD_STEP = Decimal("0.00000001")  # nowpayments_outcome_amount_usd is DECIMAL(20
 USD_STABLECOINS = ("usd", "usdt", "usdc", "busd", "dai")
 # NowPayments names a stablecoin on another chain by suffixing its network (usdttrc20, usdcsol, ...).
 STABLECOIN_NETWORKS = ("", "erc20", "trc20", "bsc", "sol", "matic", "arb", "op", "base", "ton", "algo", "avaxc")
-SIGNATURE_HEADER = "X-Webhook-Signature"
 _ORDER_ID = re.compile(r"PGP-(-?\d+)\|(-?\d+)")
 _LEGACY_ORDER_ID = re.compile(r"PGP-(\d+)-(\d+)(?:-.*)?")
 _CORS_ORIGINS = re.compile(r"https://storage\.googleapis\.com|https://www\.paygateprime\.com|http://localhost(:\d+)?")
 
 
-class ChannelNotRegistered(errors.TransientError):
+class ChannelNotRegistered(errors.TransientError, code="channel_not_registered"):
     """The paid channel is missing from main_clients_database; NowPayments retries while it is registered."""
-
-    code = "channel_not_registered"
 
 
 @dataclass(frozen=True)
@@ -303,7 +298,7 @@ def validated_payment(payment: Payment, channel: Channel, subscription: dict, us
 def signed_json(body: dict, secret: str) -> tuple[bytes, dict]:
     """The body's bytes and the X-Webhook-Signature header (hex HMAC-SHA256) that authenticates them."""
     raw = json.dumps(body).encode()
-    return raw, {SIGNATURE_HEADER: hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()}
+    return raw, web.sign_body(raw, secret)
 
 
 # ---------------------------------------------------------------------------- landing page
