@@ -507,8 +507,12 @@ def _port(environ: Mapping[str, str]) -> int:
 
 
 def gunicorn_options(environ: Mapping[str, str] = os.environ, **overrides) -> dict:
-    """Returns the Cloud Run gunicorn settings (module docstring) bound to 0.0.0.0:$PORT."""
-    return {**CLOUD_RUN_GUNICORN, "bind": f"0.0.0.0:{_port(environ)}", **overrides}
+    """Returns the Cloud Run gunicorn settings (module docstring) bound to $TP_BIND_HOST:$PORT.
+
+    Cloud Run needs 0.0.0.0 (the default); the local stack binds 127.0.0.1 so nothing it runs is
+    reachable from outside the machine."""
+    host = environ.get("TP_BIND_HOST", "").strip() or "0.0.0.0"
+    return {**CLOUD_RUN_GUNICORN, "bind": f"{host}:{_port(environ)}", **overrides}
 
 
 def serve(

@@ -492,6 +492,7 @@ def test_gunicorn_options_follow_cloud_run():
     assert options["bind"] == "0.0.0.0:9090" and options["workers"] == 1 and options["threads"] == 4
     assert options["timeout"] == 0 and options["worker_class"] == "gthread"
     assert web.gunicorn_options({})["bind"] == "0.0.0.0:8080"
+    assert web.gunicorn_options({"PORT": "9000", "TP_BIND_HOST": "127.0.0.1"})["bind"] == "127.0.0.1:9000"
     for port in ("http", "0", "70000", "-1"):
         with pytest.raises(ConfigError, match="PORT: malformed"):
             web.gunicorn_options({"PORT": port})
