@@ -1,0 +1,178 @@
+"""The ChangeNOW stand-in, and what ChangeNOW itself does once an exchange's deposit lands.
+
+It watches the chain for deposits (ETH, or a test token's Transfer) to the payin address of a
+waiting exchange, credits the deposit, pays amountTo to the payout address on the chain (ETH from
+the chain's funder, or a minted test token; other currencies, or every payout with --no-payouts,
+are off-chain) and marks the exchange finished. Exchanges and the watcher's position survive
+restarts (persist.SavedState); a deposit mined while the stand-in was down is settled at start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
+
+from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
+from tools.devstack.persist import SavedState, wait_for_termination
+
+LOOPBACK = "127.0.0.1"
+
+log = logging.getLogger("devstack.changenow")
+
+
+class Settlement:
+    """ChangeNOW's side of an exchange: see the deposit on the chain, pay out, finish (module docstring).
+
+    Payouts come from the chain's pre-funded account, signed here (its key is eth-tester's first
+    well-known test key) and sent raw: the chain signing for us cost it twice the time.
+    """
+
+    PAYOUT_FEES = {"maxFeePerGas": 100 * 10**9, "maxPriorityFeePerGas": 10**9}  # over any dev-chain base fee
+
+    WAIT_S = 1.0  # the longest a watch for a new block lasts: how late a stop can be noticed
+
+    def __init__(self, standin, chain_info: dict, next_block: int | None, pay_out: bool = True):
+        from eth_account import Account
+        from web3 import Web3
+
+        from telepay_shared.testing.evm import token_artefact
+
+        self.standin = standin
+        self.w3 = Web3(Web3.HTTPProvider(chain_info["rpc_url"], request_kwargs={"timeout": 30}))
+        self.funder = Account.from_key(chain_info["funder_private_key"])
+        self.chain_id = chain_info["chain_id"]
+        self.nonce = self.w3.eth.get_transaction_count(self.funder.address, "pending")
+        self.tokens = {symbol: (Web3.to_checksum_address(t["address"]), t["decimals"])
+                       for symbol, t in chain_info["tokens"].items()}
+        self.by_address = {address.lower(): symbol for symbol, (address, _) in self.tokens.items()}
+        self.token_contract = self.w3.eth.contract(abi=token_artefact()["abi"])
+        self.next_block = self.w3.eth.block_number + 1 if next_block is None else next_block
+        self.pays_out = pay_out
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        """Look at every new block, in order, as soon as it is mined, until stopped; errors are logged
+        and the blocks retried."""
+        while not self.stopping.is_set():
+            try:
+                head = self._call(WAIT_METHOD, [self.next_block - 1, self.WAIT_S])
+                if head >= self.next_block:
+                    self._settle_blocks(self.next_block, head)
+                    self.next_block = head + 1
+            except Exception:
+                log.exception("deposit watcher failed; retrying")
+                self.stopping.wait(1.0)
+
+    def _settle_blocks(self, first: int, last: int) -> None:
+        """Settle every exchange whose deposit landed in blocks first..last."""
+        deposits = [transfer for transfer in self._transfers(first, last) if transfer[1] is not None]
+        if not deposits:
+            return
+        waiting = self._waiting_exchanges()
+        for address, currency, amount in deposits:
+            exchange_id = waiting.get((address, currency))
+            if exchange_id is not None:
+                self._settle(exchange_id, amount)
+
+    def _transfers(self, first: int, last: int) -> list[tuple[str, str | None, Decimal]]:
+        """(to, currency or None when not ours, amount) of every successful transfer in the blocks."""
+        found = []
+        for transfer in self._call(TRANSFERS_METHOD, [first, last]):
+            symbol = "eth" if transfer["token"] is None else self.by_address.get(transfer["token"])
+            decimals = 18 if symbol == "eth" else self.tokens[symbol][1] if symbol else 0
+            if transfer["status"] == 1:
+                amount = Decimal(int(transfer["value"], 16)).scaleb(-decimals).normalize()
+                found.append((transfer["to"], symbol, amount))
+        return found
+
+    def _call(self, method: str, params: list):
+        """One of the dev chain's own JSON-RPC methods (chain.py)."""
+        answer = self.w3.provider.make_request(method, params)
+        if "error" in answer:
+            raise RuntimeError(f"{method}: {answer['error']}")
+        return answer["result"]
+
+    def _waiting_exchanges(self) -> dict[tuple[str, str], str]:
+        """(payin address, currency) -> id of every exchange still waiting for its deposit."""
+        with self.standin._lock:
+            return {(record["payinAddress"].lower(), record["fromCurrency"]): exchange_id
+                    for exchange_id, record in self.standin.exchanges.items() if record["status"] == "waiting"}
+
+    def _settle(self, exchange_id: str, amount: Decimal) -> None:
+        """Credit the deposit, pay amountTo out, then finish the exchange with the payout's hash.
+
+        A payout that fails puts the exchange back as it was, so the block is looked at again.
+        """
+        with self.standin._lock:
+            before = dict(self.standin.exchanges[exchange_id])
+        record = self.standin.receive_deposit(exchange_id, amount)
+        try:
+            payout_hash = self._pay_out(record["toCurrency"], record["toNetwork"], record["payoutAddress"],
+                                        record["amountTo"])
+        except Exception:
+            with self.standin._lock:
+                self.standin.exchanges[exchange_id] = before
+            raise
+        self.standin.advance(exchange_id, "finished")
+        if payout_hash:
+            with self.standin._lock:
+                self.standin.exchanges[exchange_id]["payoutHash"] = payout_hash
+        log.info("exchange %s: deposit %s %s, paid %s %s", exchange_id, amount, record["fromCurrency"],
+                 record["amountTo"], record["toCurrency"])
+
+    def _pay_out(self, currency: str, network: str, address: str, amount: Decimal) -> str | None:
+        """Send the payout on the chain when it is ETH or a test token on the eth network; its hash."""
+        if not self.pays_out or network != "eth" or amount <= 0 or (currency != "eth" and currency not in self.tokens):
+            return None
+        to = self.w3.to_checksum_address(address)
+        if currency == "eth":
+            return self._send({"to": to, "value": _base_units(amount, 18), "gas": 21000})
+        token, decimals = self.tokens[currency]
+        data = self.token_contract.encode_abi("mint", args=[to, _base_units(amount, decimals)])
+        return self._send({"to": token, "value": 0, "gas": 100_000, "data": data})
+
+    def _send(self, transaction: dict) -> str:
+        """Sign with the funder's key and broadcast; a refused transaction re-reads the nonce."""
+        signed = self.funder.sign_transaction({**transaction, **self.PAYOUT_FEES, "nonce": self.nonce,
+                                               "chainId": self.chain_id, "type": 2})
+        try:
+            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Exception:
+            self.nonce = self.w3.eth.get_transaction_count(self.funder.address, "pending")
+            raise
+        self.nonce += 1
+        return tx_hash.to_0x_hex()
+
+
+def _base_units(amount: Decimal, decimals: int) -> int:
+    """An amount in whole units as integer base units, rounded down (never pay more than amountTo)."""
+    return int(amount.scaleb(decimals).to_integral_value(ROUND_DOWN))
+
+
+def serve_changenow(args: argparse.Namespace) -> None:
+    """Serve the ChangeNOW stand-in and settle its exchanges from the chain."""
+    from telepay_shared.standins.changenow import ChangeNowStandIn
+
+    standin = ChangeNowStandIn(api_key=args.api_key, host=LOOPBACK, port=args.port)
+    chain_info = json.loads(Path(args.chain_info).read_text())
+    state = SavedState(Path(args.state), lambda: {"exchanges": standin.exchanges, "next_block": settlement.next_block},
+                       standin._lock)
+    saved = state.load() or {}
+    standin.exchanges.update(saved.get("exchanges", {}))
+    settlement = Settlement(standin, chain_info, saved.get("next_block"), pay_out=not args.no_payouts)
+    standin.start()
+    watcher = threading.Thread(target=settlement.run, name="deposit-watcher", daemon=True)
+    watcher.start()
+    state.save_periodically()
+    log.info("ChangeNOW stand-in on %s, %d exchanges, watching from block %d", standin.url,
+             len(standin.exchanges), settlement.next_block)
+    try:
+        wait_for_termination()
+    finally:
+        settlement.stopping.set()  # let a settlement in progress end: a half-settled exchange is not saved
+        watcher.join(timeout=30)
+        standin.stop()
+        state.save()

@@ -1,0 +1,152 @@
+"""The world around the pipeline, for the local stack: one process per part, each durable across restarts.
+
+    python -m tools.devstack.world tasks     --port P [--poll-s S] [--concurrency N]
+    python -m tools.devstack.world chain     --port P --state DIR                              (chain.py)
+    python -m tools.devstack.world changenow --port P --state FILE --api-key K --chain-info FILE
+                                             [--no-payouts]                                     (settlement.py)
+    python -m tools.devstack.world telegram  --port P --state FILE --token T
+    python -m tools.devstack.world coingecko --port P
+
+* tasks: the patched gcloud-tasks-emulator of telepay_shared.testing.tasks_emulator (reused names
+  answer ALREADY_EXISTS, like Cloud Tasks), with its gRPC API on 127.0.0.1 only and Cloud Tasks'
+  immediate, concurrent dispatch (emulator.py); --poll-s is how often delayed tasks are looked at.
+  It keeps no state: the stack drains it on down.
+* telegram: the Telegram Bot API stand-in, its sent messages and invite links kept across restarts.
+* coingecko: /api/v3/simple/price at the ChangeNOW stand-in's USD prices, so the USD value
+  np-webhook computes matches the swap rates.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import types
+from decimal import Decimal
+from pathlib import Path
+
+import flask
+from werkzeug.serving import make_server
+
+from tools.devstack.persist import SavedState, wait_for_termination
+
+LOOPBACK = "127.0.0.1"
+# CoinGecko coin ids of the tickers the ChangeNOW stand-in prices.
+COIN_IDS = {"ethereum": "eth", "tether": "usdt", "usd-coin": "usdc", "dai": "dai", "chainlink": "link",
+            "bitcoin": "btc", "litecoin": "ltc", "solana": "sol", "tron": "trx"}
+
+log = logging.getLogger("devstack.world")
+
+
+# ---------------------------------------------------------------------------- Cloud Tasks emulator
+
+def _grpc_on_loopback(server_module) -> None:
+    """The emulator binds its gRPC API to [::]:port (every interface); keep it to 127.0.0.1."""
+    real_server = server_module.grpc.server
+
+    def loopback_server(*args, **kwargs):
+        grpc_server = real_server(*args, **kwargs)
+        add_port = grpc_server.add_insecure_port
+        grpc_server.add_insecure_port = lambda address: add_port(address.replace("[::]", LOOPBACK))
+        return grpc_server
+
+    server_module.grpc = types.SimpleNamespace(**{**vars(server_module.grpc), "server": loopback_server})
+
+
+def serve_tasks(args: argparse.Namespace) -> None:
+    """Run the patched Cloud Tasks emulator until terminated."""
+    from gcloud_tasks_emulator import server
+
+    from telepay_shared.testing.tasks_emulator import install_cloud_tasks_fidelity
+    from tools.devstack.emulator import dispatch_concurrently
+
+    install_cloud_tasks_fidelity(server)
+    _grpc_on_loopback(server)
+    dispatch_concurrently(server, args.concurrency)
+    server._LOOP_SLEEP_TIME = args.poll_s
+    emulator = server.create_server(LOOPBACK, args.port, max_retries=-1)
+    emulator.start()
+    try:
+        wait_for_termination()
+    finally:
+        emulator.stop()
+
+
+# ---------------------------------------------------------------------------- Telegram and CoinGecko
+
+def serve_telegram(args: argparse.Namespace) -> None:
+    """Serve the Telegram Bot API stand-in with its sent messages kept across restarts."""
+    from telepay_shared.standins.telegram import TelegramStandIn
+
+    standin = TelegramStandIn(tokens=(args.token,), host=LOOPBACK, port=args.port)
+    state = SavedState(Path(args.state), lambda: {"messages": standin.messages, "invite_links": standin.invite_links,
+                                                  "message_ids": dict(standin._message_ids)}, standin._lock)
+    saved = state.load() or {}
+    standin.messages.extend(saved.get("messages", []))
+    standin.invite_links.update(saved.get("invite_links", {}))
+    standin._message_ids.update(saved.get("message_ids", {}))
+    standin.start()
+    state.save_periodically()
+    try:
+        wait_for_termination()
+    finally:
+        standin.stop()
+        state.save()
+
+
+def coingecko_prices() -> dict[str, Decimal]:
+    """USD price per CoinGecko coin id: the ChangeNOW stand-in's own prices."""
+    from telepay_shared.standins.changenow import DEFAULT_PRICES_USD
+
+    return {coin: DEFAULT_PRICES_USD[ticker] for coin, ticker in COIN_IDS.items()}
+
+
+def serve_coingecko(args: argparse.Namespace) -> None:
+    """Answer CoinGecko's GET /api/v3/simple/price?ids=...&vs_currencies=usd until terminated."""
+    prices = coingecko_prices()
+    app = flask.Flask("coingecko-standin")
+
+    @app.get("/api/v3/simple/price")
+    def simple_price():
+        ids = ",".join(flask.request.args.getlist("ids")).split(",")
+        return {coin: {"usd": float(prices[coin])} for coin in ids if coin in prices}  # numbers, as CoinGecko
+
+    server = make_server(LOOPBACK, args.port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_for_termination()
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one part of the world until SIGTERM."""
+    parser = argparse.ArgumentParser(prog="python -m tools.devstack.world")
+    parts = parser.add_subparsers(dest="part", required=True)
+    for name in ("tasks", "chain", "changenow", "telegram", "coingecko"):
+        part = parts.add_parser(name)
+        part.add_argument("--port", type=int, required=True)
+    parts.choices["tasks"].add_argument("--poll-s", type=float, default=0.05)
+    parts.choices["tasks"].add_argument("--concurrency", type=int, default=10)
+    parts.choices["chain"].add_argument("--state", required=True)
+    required = {"changenow": ("--state", "--api-key", "--chain-info"), "telegram": ("--state", "--token")}
+    for name, options in required.items():
+        for option in options:
+            parts.choices[name].add_argument(option, required=True)
+    parts.choices["changenow"].add_argument("--no-payouts", action="store_true",
+                                            help="finish exchanges without sending the payout on the chain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would drown the logs
+    from tools.devstack.chain import serve_chain
+    from tools.devstack.settlement import serve_changenow
+
+    {"tasks": serve_tasks, "chain": serve_chain, "changenow": serve_changenow, "telegram": serve_telegram,
+     "coingecko": serve_coingecko}[args.part](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
