@@ -146,7 +146,8 @@ def test_payment_id_keys_the_payout_and_the_fee_is_exact(env, load_service_confi
     assert answer.status_code == 200, answer.json
     [t4] = delivered(deliveries, "/gcsplit2", hops.ESTIMATE_REQUEST)
     assert t4["payout_key"] == "np:5077125051"
-    assert t4["adjusted_amount"] == float(Decimal("0.0123456789") * Decimal("0.975"))
+    # 0.0120370369275 less the dust below the payout columns' 8 decimals (the host keeps it).
+    assert t4["adjusted_amount"] == float(Decimal("0.01203703"))
     assert t4["actual_eth_amount"] == 0.0123456789
     assert spy.keys == ["gcsplit2:np:5077125051"]
 

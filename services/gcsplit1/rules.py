@@ -11,7 +11,7 @@ import hashlib
 import logging
 import secrets
 import string
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 from telepay_shared import errors, web
 from telepay_shared.db import Transaction
@@ -50,9 +50,14 @@ def positive(amount: Decimal, field: str) -> Decimal:
     return amount
 
 
+# The payout tables hold amounts as NUMERIC(20,8): the amount swapped and sent must be one they
+# record exactly, else the ledger differs from the chain by the dust (rounded down: never overpay).
+PAYOUT_STEP = Decimal("1E-8")
+
+
 def fee_deducted(amount: Decimal, fee_percent: Decimal) -> Decimal:
     """What remains of an amount once the platform fee (TP_FLAT_FEE percent) is kept (spec §8.1)."""
-    return amount * (1 - fee_percent / 100)
+    return (amount * (1 - fee_percent / 100)).quantize(PAYOUT_STEP, rounding=ROUND_DOWN)
 
 
 def pure_market_value(from_amount: Decimal, to_amount: Decimal, deposit_fee: Decimal,

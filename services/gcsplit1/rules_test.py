@@ -21,6 +21,8 @@ SWAP = {"unique_id": "K7Q2ZP9X4M1B8C3D", "cn_api_id": "e6c5b2a1d4f3a9", "from_cu
     (Decimal("2.5"), Decimal("1"), Decimal("0.975")),
     (Decimal("0"), Decimal("0.1"), Decimal("0.1")),
     (Decimal("100"), Decimal("0.1"), Decimal("0")),
+    # 0.0080833301 would be sent but recorded as 0.00808333 by the NUMERIC(20,8) payout columns.
+    (Decimal("3"), Decimal("0.00833333"), Decimal("0.00808333")),
 ])
 def test_fee_is_kept_in_exact_decimal(fee, amount, remains):
     assert rules.fee_deducted(amount, fee) == remains
