@@ -50,6 +50,7 @@ import google.auth.exceptions
 import google.oauth2.id_token
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from telepay_shared import tokens
 from telepay_shared.config import Config, Redactor, Secret
 from telepay_shared.errors import (
     BadRequest, ConfigError, PayloadTooLarge, RateLimited, TelePayError, TokenRejected,
@@ -58,6 +59,7 @@ from telepay_shared.errors import (
 
 log = logging.getLogger(__name__)
 
+LOG_IDS = ("unique_id", "cn_api_id", "payout_key", "batch_conversion_id", "batch_id")
 AUTH_MODES = ("oidc", "hmac", "oidc_or_hmac", "none")
 DEFAULT_RETRY_AFTER_S = 60  # the queues' fixed 60 s backoff (spec §5)
 OIDC_CLOCK_SKEW_S = 10
@@ -237,6 +239,14 @@ def require_fields(body: Mapping[str, Any], *names: str) -> tuple:
     if missing:
         raise BadRequest(f"missing required fields: {', '.join(missing)}", missing=missing)
     return tuple(body[n] for n in names)
+
+
+def read_token(hop, keys: Mapping[str, Any], *, now: float | None = None, field: str = "token") -> tuple[dict, str]:
+    """Decodes the JSON body's token as `hop` and binds its payout ids to the log; returns (fields, raw token)."""
+    token = require_fields(json_body(), field)[0]
+    fields = tokens.decode(hop, token, keys, now=now)
+    bind_log_context(**{name: fields[name] for name in LOG_IDS if fields.get(name) is not None})
+    return fields, token
 
 
 # ---------------------------------------------------------------- inbound authentication

@@ -579,3 +579,47 @@ def test_serve_exits_when_the_factory_fails(tmp_path):
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------- token bodies
+
+TOKEN_KEYS = {"SUCCESS_URL_SIGNING_KEY": "token-key"}
+STATUS_CHECK_FIELDS = {"unique_id": "UNQ0123456789ABC", "cn_api_id": "cn-42", "from_currency": "eth",
+                       "from_network": "eth", "from_amount": 0.5, "payin_address": "0xpayin"}
+
+
+def token_app(**read_options):
+    """A probe service whose one route answers what web.read_token returned and bound to the log."""
+    import flask
+
+    from telepay_shared import hops
+
+    app = web.create_app("probe")
+
+    @app.post("/token")
+    def token_route():
+        fields, token = web.read_token(hops.STATUS_CHECK, TOKEN_KEYS, **read_options)
+        return {"unique_id": fields["unique_id"], "token": token,
+                "logged": {k: v for k, v in flask.g.telepay_log_context.items() if k in web.LOG_IDS}}
+
+    return app.test_client()
+
+
+def test_read_token_decodes_the_body_token_and_binds_its_ids():
+    from telepay_shared import hops, tokens
+
+    token = tokens.encode(hops.STATUS_CHECK, STATUS_CHECK_FIELDS, TOKEN_KEYS, now=1_700_000_000)
+    response = token_app(now=1_700_000_010).post("/token", json={"token": token})
+    assert response.status_code == 200
+    assert response.get_json() == {"unique_id": "UNQ0123456789ABC", "token": token,
+                                   "logged": {"unique_id": "UNQ0123456789ABC", "cn_api_id": "cn-42"}}
+
+
+def test_read_token_reads_another_field_and_refuses_a_missing_or_bad_token():
+    from telepay_shared import hops, tokens
+
+    token = tokens.encode(hops.STATUS_CHECK, STATUS_CHECK_FIELDS, TOKEN_KEYS)
+    assert token_app(field="t").post("/token", json={"t": token}).status_code == 200
+    missing = token_app().post("/token", json={"t": token})
+    assert missing.status_code == 400 and missing.get_json()["missing"] == ["token"]
+    assert token_app().post("/token", json={"token": token[:-2] + "AA"}).status_code == 401

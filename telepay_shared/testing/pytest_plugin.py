@@ -1,6 +1,7 @@
 """pytest fixtures every service's tests share: real Cloud Tasks emulator, delivery recorder,
 ChangeNOW stand-in, a fresh migrated PostgreSQL database, and a service environment wired to them;
-and `delivered_tokens`, the hop tokens a recorder received, decoded.
+a `client` built by the test module's `make_client` fixture; and `delivered_tokens`, the hop
+tokens a recorder received, decoded.
 
 A service test module opts in with ``pytest_plugins = ["telepay_shared.testing.pytest_plugin"]``.
 The keys are the legacy golden-vector keys, so tokens minted by the legacy code verify here.
@@ -107,6 +108,21 @@ def load_service_config():
         return load_config(declaration, environ=env)
 
     return load
+
+
+@pytest.fixture
+def client(make_client):
+    """The service's test client with its defaults, from the module's own `make_client` fixture."""
+    return make_client()
+
+
+def slow_inserts(database: Database, table: str) -> None:
+    """Makes every insert into `table` sleep 1.5 s (a trigger), so a concurrent run meets a held claim."""
+    with database.transaction() as tx:
+        tx.execute("CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                   " PERFORM pg_sleep(1.5); RETURN NEW; END $$;"
+                   f"CREATE TRIGGER slow_claim AFTER INSERT ON {table}"
+                   " FOR EACH ROW EXECUTE FUNCTION slow_claim()")
 
 
 def delivered_tokens(recorder: DeliveryRecorder, hop: tokens.Hop | str, path: str, *, count: int = 1,

@@ -1,11 +1,12 @@
-"""Tests of the plugin's helper delivered_tokens, against the plugin's own delivery recorder."""
+"""Tests of the plugin's helpers (delivered_tokens against its own delivery recorder, slow_inserts, client)."""
 import json
+import time
 import urllib.request
 
 import pytest
 
 from telepay_shared import errors, hops, tokens
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens, slow_inserts
 
 pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
 
@@ -59,3 +60,22 @@ def test_a_stale_task_for_an_earlier_recorder_on_the_same_port_is_not_recorded(d
     assert deliveries.deliveries() == []
     deliver(deliveries, "/usdt-eth-estimate", ESTIMATE["token"])
     assert [d.path for d in deliveries.deliveries()] == ["/usdt-eth-estimate"]
+
+
+@pytest.fixture
+def make_client():
+    return lambda **values: ("client", values)
+
+
+def test_client_is_the_modules_make_client_with_its_defaults(client):
+    assert client == ("client", {})
+
+
+def test_slow_inserts_holds_every_insert_into_the_table(database):
+    with database.transaction() as tx:
+        tx.execute("CREATE TABLE probe (id integer)")
+    slow_inserts(database, "probe")
+    started = time.monotonic()
+    with database.transaction() as tx:
+        tx.execute("INSERT INTO probe VALUES (1)")
+    assert time.monotonic() - started >= 1.4
