@@ -60,11 +60,6 @@ def make_client(service_env, load_service_config, database_url):
     return make
 
 
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
 def test_signed_payment_is_credited_net_of_the_platform_fee(client, database):
     answer = client.post("/", **signed(PAYMENT))
     assert answer.status_code == 200, answer.json

@@ -25,10 +25,17 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                tasks: TasksClient | None = None) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    database = database or Database.from_env(config)
-    tasks = tasks or TasksClient.from_config(config)
+    database, tasks = database or Database.from_env(config), tasks or TasksClient.from_config(config)
     batch_payout_url = config.GCSPLIT1_URL.rstrip("/") + "/batch-payout"
     app = web.create_app(config.service, config, hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
+
+    @app.post("/process")
+    @app.auth.required
+    def process():
+        """Claim every due balance, then send every claimed batch not yet sent."""
+        created = rules.claim_payouts(database)
+        sent = [rules.batch_summary(batch, send_to_gcsplit1(batch)) for batch in rules.pending_batches(database)]
+        return rules.process_answer(created, sent)
 
     def send_to_gcsplit1(batch: rules.PendingBatch) -> str:
         """Enqueue T9 under the batch's task name (a resend is refused by Cloud Tasks), then mark it processing."""
@@ -38,14 +45,6 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                              idempotency_key=f"gcsplit1-batch:{batch_id}")
         rules.mark_processing(database, batch_id)
         return task
-
-    @app.post("/process")
-    @app.auth.required
-    def process():
-        """Claim every due balance, then send every claimed batch not yet sent."""
-        created = rules.claim_payouts(database)
-        sent = [rules.batch_summary(batch, send_to_gcsplit1(batch)) for batch in rules.pending_batches(database)]
-        return rules.process_answer(created, sent)
 
     return app
 

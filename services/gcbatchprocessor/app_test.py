@@ -13,7 +13,7 @@ import pytest
 
 from telepay_shared import hops, tokens
 from telepay_shared.config import ConfigError
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens, slow_inserts
 
 from services.gcbatchprocessor.app import CONFIG_PATH, create_app
 
@@ -83,11 +83,6 @@ def make_client(service_env, load_service_config, database_url, deliveries):
         return create_app(load_service_config(CONFIG_PATH, env)).test_client()
 
     return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def process(client):
@@ -227,11 +222,7 @@ def test_credit_arriving_during_the_claim_is_not_marked_paid(client, database, d
 def test_two_concurrent_runs_pay_once(client, database, deliveries):
     register_channel(database)
     add_credit(database, "60")
-    with database.transaction() as tx:  # the first run holds the claim lock a while
-        tx.execute("CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-                   " PERFORM pg_sleep(1.5); RETURN NEW; END $$;"
-                   "CREATE TRIGGER slow_claim AFTER INSERT ON payout_batches"
-                   " FOR EACH ROW EXECUTE FUNCTION slow_claim()")
+    slow_inserts(database, "payout_batches")  # the first run holds the claim lock a while
     first_answer = []
     first = threading.Thread(target=lambda: first_answer.append(process(client.application.test_client())))
     first.start()

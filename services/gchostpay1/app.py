@@ -44,10 +44,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
 
     def received(hop) -> dict:
         """The request's token decoded as `hop`; its payout tags every log line."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        fields = tokens.decode(hop, token, config, now=clock())
-        web.bind_log_context(unique_id=fields["unique_id"], cn_api_id=fields["cn_api_id"])
-        return fields
+        return web.read_token(hop, config, now=clock())[0]
 
     def send(hop, fields: dict, queue: str, url: str, key: str, delay_s: int = 0) -> str:
         """Enqueue the next hop under its idempotency key; a failed enqueue raises (5xx: redelivered)."""

@@ -60,11 +60,6 @@ def make_client(env, load_service_config, database):
 
 
 @pytest.fixture
-def client(make_client):
-    return make_client()
-
-
-@pytest.fixture
 def legacy_client(make_client):
     """A client whose clock stands at the moment legacy minted the vectors."""
     return make_client(clock=lambda: LEGACY_CLOCK)

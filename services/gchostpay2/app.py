@@ -27,17 +27,14 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     """Build the service; configuration, ChangeNOW and Cloud Tasks default to the deployment's own."""
     config = config or load_config(CONFIG_PATH)
     status_verified_url = rules.status_verified_url(config.GCHOSTPAY1_URL)
-    changenow = changenow or ChangeNowClient.from_config(config)
-    tasks = tasks or TasksClient.from_config(config)
+    changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
 
     @app.post("/")
     @app.auth.required
     def check_status():
         """Read the exchange's status and report it to GCHostPay1."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        order = tokens.decode(hops.STATUS_CHECK, token, config, now=clock())
-        web.bind_log_context(unique_id=order["unique_id"], cn_api_id=order["cn_api_id"])
+        order, _ = web.read_token(hops.STATUS_CHECK, config, now=clock())
         verified = rules.verified_status(order, changenow)
         # The status is part of the key: a redelivery reporting the same status is refused by
         # Cloud Tasks, while a later check that sees the exchange move on is a new report.

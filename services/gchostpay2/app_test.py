@@ -30,11 +30,6 @@ def make_client(service_env, load_service_config, changenow, deliveries):
     return make
 
 
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
 def open_exchange(changenow, status="waiting") -> str:
     """An eth->usdt exchange at the stand-in, moved on to `status`."""
     return changenow.open_exchange("eth", "usdt", Decimal("0.02"), HOST_USDT_WALLET, status=status)["id"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import flask
 
-from telepay_shared import hops, tokens, web
+from telepay_shared import hops, web
 from telepay_shared.alerts import Alerter
 from telepay_shared.cloudtasks import TasksClient
 from telepay_shared.config import Config, load_config, read_declaration
@@ -44,10 +44,9 @@ def create_app(config: Config | None = None, *, tasks: TasksClient | None = None
     @app.auth.required
     def execute_payment():
         """Send the ordered transfer once, whatever the number of deliveries (T12, T13)."""
-        token = web.require_fields(web.json_body(), "token")[0]
         # T12 and T13 share one layout; the retry fields are optional in EXECUTE_PAYMENT.
-        order = rules.order_from_token(tokens.decode(hops.EXECUTE_PAYMENT, token, config))
-        web.bind_log_context(unique_id=order.unique_id, cn_api_id=order.cn_api_id, attempt=order.attempt)
+        order = rules.order_from_token(web.read_token(hops.EXECUTE_PAYMENT, config)[0])
+        web.bind_log_context(attempt=order.attempt)
         retry_count = flask.request.headers.get("X-CloudTasks-TaskRetryCount", "").strip()
         return executor.execute(order, first_delivery=retry_count in ("", "0"))
 

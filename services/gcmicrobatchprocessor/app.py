@@ -56,10 +56,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     @app.post("/swap-executed")
     def swap_executed():
         """Distribute the USDT GCHostPay1 saw arrive (authenticated by the T16 token itself)."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        swap = tokens.decode(hops.MICROBATCH_SWAP_EXECUTED, token, config)
-        web.bind_log_context(batch_conversion_id=swap["batch_conversion_id"], cn_api_id=swap["cn_api_id"])
-        return rules.complete_swap(database, swap)
+        return rules.complete_swap(database, web.read_token(hops.MICROBATCH_SWAP_EXECUTED, config)[0])
 
     return app
 

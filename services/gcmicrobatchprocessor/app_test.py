@@ -13,7 +13,7 @@ import pytest
 
 from telepay_shared import errors, hops, tokens
 from telepay_shared.config import ConfigError
-from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens
+from telepay_shared.testing.pytest_plugin import KEYS, VECTORS, delivered_tokens, slow_inserts
 
 from services.gcmicrobatchprocessor.app import CONFIG_PATH, create_app
 
@@ -86,11 +86,6 @@ def make_client(service_env, load_service_config, database_url, changenow, deliv
         return create_app(load_service_config(CONFIG_PATH, env), tasks=tasks).test_client()
 
     return make
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
 
 
 def check(client):
@@ -213,11 +208,7 @@ def test_two_concurrent_runs_create_one_batch_and_one_exchange(client, database,
     """Defect 17: legacy had no lock, so a second run before the rows flipped swapped the same ETH twice."""
     add_credit(database, "12", "0.004")
     add_credit(database, "12", "0.004")
-    with database.transaction() as tx:  # the first run holds the claim lock a while
-        tx.execute("CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-                   " PERFORM pg_sleep(1.5); RETURN NEW; END $$;"
-                   "CREATE TRIGGER slow_claim AFTER INSERT ON batch_conversions"
-                   " FOR EACH ROW EXECUTE FUNCTION slow_claim()")
+    slow_inserts(database, "batch_conversions")  # the first run holds the claim lock a while
     answers = []
     first = threading.Thread(target=lambda: answers.append(check(client.application.test_client())))
     first.start()

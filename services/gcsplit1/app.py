@@ -69,8 +69,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     @app.auth.required
     def batch_payout():
         """Ask GCSplit2 for an estimate of a client's threshold balance (batch_mode is only informative)."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        batch = tokens.decode(hops.BATCH_PAYOUT, token, config, now=clock())
+        batch, _ = web.read_token(hops.BATCH_PAYOUT, config, now=clock())
         estimate_request = rules.batch_estimate_request(batch)
         return request_estimate(estimate_request, "Batch payout request accepted", batch_id=batch["batch_id"])
 
@@ -78,8 +77,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     @app.auth.required
     def estimate_received():
         """Record the payout request once per payout key and ask GCSplit3 for the exchange."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        estimate = tokens.decode(hops.ESTIMATE_RESPONSE, token, config, now=clock())
+        estimate, token = web.read_token(hops.ESTIMATE_RESPONSE, config, now=clock())
         payout_key = rules.estimate_payout_key(estimate, token)
         web.bind_log_context(payout_key=payout_key)
         with database.transaction() as tx:
@@ -96,9 +94,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     @app.auth.required
     def exchange_created():
         """Record the payout's exchange (the first one wins) and order GCHostPay1 to pay it."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        swap = tokens.decode(hops.SWAP_RESPONSE, token, config, now=clock())
-        web.bind_log_context(unique_id=swap["unique_id"], cn_api_id=swap["cn_api_id"])
+        swap, _ = web.read_token(hops.SWAP_RESPONSE, config, now=clock())
         order = rules.hostpay_order(swap)
         with database.transaction() as tx:
             recorded, created = rules.record_exchange(tx, swap)

@@ -24,17 +24,14 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
                tasks: TasksClient | None = None) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    changenow = changenow or ChangeNowClient.from_config(config)
-    tasks = tasks or TasksClient.from_config(config)
+    changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
 
     @app.post("/")
     @app.auth.required
     def estimate():
         """Quote the payout swap and hand the numbers back to GCSplit1."""
-        token = web.require_fields(web.json_body(), "token")[0]
-        request = tokens.decode(hops.ESTIMATE_REQUEST, token, config)
-        web.bind_log_context(payout_key=request.get("payout_key"))
+        request, token = web.read_token(hops.ESTIMATE_REQUEST, config)
         response = tokens.encode(hops.ESTIMATE_RESPONSE, rules.quote(request, changenow), config)
         # A redelivered T4 maps to the same task name, so Cloud Tasks refuses a second T5.
         task = tasks.enqueue(

@@ -31,20 +31,14 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
                tasks: TasksClient | None = None, clock: Callable[[], float] = time.time) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    changenow = changenow or ChangeNowClient.from_config(config)
-    tasks = tasks or TasksClient.from_config(config)
+    changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
-
-    def body_token(hop) -> dict:
-        """The request's {"token"} decoded as `hop`."""
-        return tokens.decode(hop, web.require_fields(web.json_body(), "token")[0], config, now=clock())
 
     @app.post("/")
     @app.auth.required
     def payout_exchange():
         """Create the payout's exchange and hand its deposit address back to GCSplit1."""
-        request = body_token(hops.SWAP_REQUEST)
-        web.bind_log_context(unique_id=request["unique_id"])
+        request, _ = web.read_token(hops.SWAP_REQUEST, config, now=clock())
         exchange = rules.create_payout_exchange(request, changenow)
         web.bind_log_context(cn_api_id=exchange.exchange_id)
         response = tokens.encode(hops.SWAP_RESPONSE, rules.swap_response(request, exchange), config, now=clock())
@@ -58,7 +52,7 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     @app.auth.required
     def accumulator_exchange():
         """Create an accumulation's ETH -> USDT exchange and tell GCAccumulator where to pay."""
-        request = body_token(hops.ACCUMULATOR_SWAP_REQUEST)
+        request, _ = web.read_token(hops.ACCUMULATOR_SWAP_REQUEST, config, now=clock())
         web.bind_log_context(accumulation_id=request["accumulation_id"])
         target = rules.swap_created_target(config)
         exchange = rules.create_accumulator_exchange(request, changenow)

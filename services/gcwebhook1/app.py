@@ -27,8 +27,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                tasks: TasksClient | None = None) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    database = database or Database.from_env(config)
-    tasks = tasks or TasksClient.from_config(config)
+    database, tasks = database or Database.from_env(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config, health_checks={"database": database.ping},
                          hmac_secret=config.SUCCESS_URL_SIGNING_KEY)
 

@@ -27,8 +27,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
                bot: TelegramBot | None = None) -> flask.Flask:
     """Build the service from its declared configuration (read from the environment by default)."""
     config = config or load_config(CONFIG_PATH)
-    database = database or Database.from_env(config)
-    bot = bot or TelegramBot.from_config(config)
+    database, bot = database or Database.from_env(config), bot or TelegramBot.from_config(config)
     app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
     @app.post("/")
