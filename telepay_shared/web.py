@@ -100,6 +100,25 @@ class ServiceApp(flask.Flask):
         """The policy every `@app.auth.required` route enforces."""
         return AuthPolicy.from_config(self.extensions["telepay"]["config"], hmac_secret=self.hmac_secret)
 
+    def token_task(self, rule: str, hop, *, clock: Callable[[], float] | None = None) -> Callable:
+        """Registers `rule` as an authenticated POST whose JSON body carries one hop's token.
+
+        The view is called as view(fields, raw_token) only after the caller (`auth`), the body and
+        the token's signature and time window have all been checked, so no business rule ever
+        sees an unauthenticated request; `clock` replaces the time the token window is judged at."""
+        keys = self.extensions["telepay"]["config"]
+
+        def register(view: Callable[[dict, str], Any]) -> Callable:
+            @functools.wraps(view)
+            def receive():
+                fields, token = read_token(hop, keys, now=None if clock is None else clock())
+                return view(fields, token)
+
+            self.post(rule)(self.auth.required(receive))
+            return view
+
+        return register
+
 
 def create_app(
     name: str,

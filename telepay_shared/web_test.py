@@ -577,10 +577,6 @@ def test_serve_exits_when_the_factory_fails(tmp_path):
     assert "probe configuration is invalid (1 problem)" in stdout + stderr
 
 
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "-q"]))
-
-
 # ---------------------------------------------------------------- token bodies
 
 TOKEN_KEYS = {"SUCCESS_URL_SIGNING_KEY": "token-key"}
@@ -623,3 +619,56 @@ def test_read_token_reads_another_field_and_refuses_a_missing_or_bad_token():
     missing = token_app().post("/token", json={"t": token})
     assert missing.status_code == 400 and missing.get_json()["missing"] == ["token"]
     assert token_app().post("/token", json={"token": token[:-2] + "AA"}).status_code == 401
+
+
+def token_task_app(seen: list, clock=None):
+    """A probe service with one token_task route (TP_AUTH_MODE hmac) that records what its view got."""
+    config = Config("probe", {"TP_AUTH_MODE": "hmac", **TOKEN_KEYS})
+    app = web.create_app("probe", config, hmac_secret=HMAC_KEY)
+
+    from telepay_shared import hops
+
+    @app.token_task("/task", hops.STATUS_CHECK, clock=clock)
+    def status_check(order: dict, token: str):
+        seen.append((order["unique_id"], token))
+        return {"status": "success"}
+
+    return app.test_client()
+
+
+def signed_task_post(client, body: dict):
+    """POST body as JSON with the X-Webhook-Signature the hmac policy checks."""
+    raw = json.dumps(body).encode()
+    return client.post("/task", data=raw, content_type="application/json", headers=web.sign_body(raw, HMAC_KEY))
+
+
+def test_token_task_hands_the_verified_token_to_its_view_only_after_authentication():
+    from telepay_shared import hops, tokens
+
+    seen: list = []
+    client = token_task_app(seen)
+    token = tokens.encode(hops.STATUS_CHECK, STATUS_CHECK_FIELDS, TOKEN_KEYS)
+    unsigned = client.post("/task", json={"token": token})
+    assert unsigned.status_code == 401 and "X-Webhook-Signature" in unsigned.get_json()["message"]
+    assert client.get("/task").status_code == 405
+    assert signed_task_post(client, {"token": token[:-2] + "AA"}).status_code == 401
+    assert signed_task_post(client, {"tok": token}).get_json()["missing"] == ["token"]
+    assert seen == []
+    assert signed_task_post(client, {"token": token}).status_code == 200
+    assert seen == [("UNQ0123456789ABC", token)]
+
+
+def test_token_task_judges_the_token_window_by_its_clock():
+    from telepay_shared import hops, tokens
+
+    seen: list = []
+    minted = 1_700_000_000
+    token = tokens.encode(hops.STATUS_CHECK, STATUS_CHECK_FIELDS, TOKEN_KEYS, now=minted)
+    late = signed_task_post(token_task_app(seen, clock=lambda: minted + 86_400), {"token": token})
+    assert late.status_code == 401 and late.get_json()["reason"] == "expired"
+    assert signed_task_post(token_task_app(seen, clock=lambda: minted + 5), {"token": token}).status_code == 200
+    assert seen == [("UNQ0123456789ABC", token)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
