@@ -42,10 +42,6 @@ def create_app(config: Config | None = None, *, database: Database | None = None
     swap_executed_url = config.MICROBATCH_URL.rstrip("/") + "/swap-executed"
     app = web.create_app(config.service, config, health_checks={"database": database.ping})
 
-    def received(hop) -> dict:
-        """The request's token decoded as `hop`; its payout tags every log line."""
-        return web.read_token(hop, config, now=clock())[0]
-
     def send(hop, fields: dict, queue: str, url: str, key: str, delay_s: int = 0) -> str:
         """Enqueue the next hop under its idempotency key; a failed enqueue raises (5xx: redelivered)."""
         token = tokens.encode(hop, fields, config, now=clock())
@@ -97,11 +93,9 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         return {"status": "success", "message": "Status check enqueued to GCHostPay2", "unique_id": unique_id,
                 "cn_api_id": order["cn_api_id"], "context": order["context"], "task_id": task}
 
-    @app.post("/status-verified")
-    @app.auth.required
-    def status_verified():
+    @app.token_task("/status-verified", hops.STATUS_VERIFIED, clock=clock)
+    def status_verified(verified: dict, _token: str):
         """Order the transfer only while the exchange awaits its deposit; settle every other status here."""
-        verified = received(hops.STATUS_VERIFIED)
         status = verified["status"]
         if rules.deposit_decision(status) == rules.WAIT:
             # The token's status never changes on redelivery, so a retry must look again itself.
@@ -120,11 +114,9 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         return {"status": "success", "message": "Status verified, payment execution enqueued", **answer,
                 "task_id": task}
 
-    @app.post("/payment-completed")
-    @app.auth.required
-    def payment_completed():
+    @app.token_task("/payment-completed", hops.PAYMENT_COMPLETED, clock=clock)
+    def payment_completed(completed: dict, _token: str):
         """Finish a payout after GCHostPay3's transfer: close its payout batch, or follow its batch conversion."""
-        completed = received(hops.PAYMENT_COMPLETED)
         unique_id, context = completed["unique_id"], rules.payout_context(completed["unique_id"])
         answer = {name: completed[name] for name in ("unique_id", "cn_api_id", "tx_hash", "tx_status", "gas_used",
                                                       "block_number")}
@@ -137,11 +129,9 @@ def create_app(config: Config | None = None, *, database: Database | None = None
             batch_id = rules.complete_payout_batch(tx, unique_id, completed["tx_hash"], completed["tx_status"])
         return {"status": "success", "message": "Payment workflow completed", **answer, "payout_batch_id": batch_id}
 
-    @app.post("/retry-callback-check")
-    @app.auth.required
-    def retry_callback_check():
+    @app.token_task("/retry-callback-check", hops.CALLBACK_RETRY, clock=clock)
+    def retry_callback_check(retry: dict, _token: str):
         """Look at a batch conversion again after the scheduled delay."""
-        retry = received(hops.CALLBACK_RETRY)
         if retry["context"] != rules.BATCH:
             return rules.threshold_callback_unimplemented(retry["unique_id"])
         return follow_conversion(retry["unique_id"], retry["cn_api_id"], retry["tx_hash"], retry["retry_count"])

@@ -30,11 +30,9 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
 
-    @app.post("/")
-    @app.auth.required
-    def check_status():
+    @app.token_task("/", hops.STATUS_CHECK, clock=clock)
+    def check_status(order: dict, _token: str):
         """Read the exchange's status and report it to GCHostPay1."""
-        order, _ = web.read_token(hops.STATUS_CHECK, config, now=clock())
         verified = rules.verified_status(order, changenow)
         # The status is part of the key: a redelivery reporting the same status is refused by
         # Cloud Tasks, while a later check that sees the exchange move on is a new report.

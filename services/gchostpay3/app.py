@@ -40,12 +40,11 @@ def create_app(config: Config | None = None, *, tasks: TasksClient | None = None
     )
     app = web.create_app(config.service, config)
 
-    @app.post("/")
-    @app.auth.required
-    def execute_payment():
+    # T12 and T13 share one layout; the retry fields are optional in EXECUTE_PAYMENT.
+    @app.token_task("/", hops.EXECUTE_PAYMENT)
+    def execute_payment(fields: dict, _token: str):
         """Send the ordered transfer once, whatever the number of deliveries (T12, T13)."""
-        # T12 and T13 share one layout; the retry fields are optional in EXECUTE_PAYMENT.
-        order = rules.order_from_token(web.read_token(hops.EXECUTE_PAYMENT, config)[0])
+        order = rules.order_from_token(fields)
         web.bind_log_context(attempt=order.attempt)
         retry_count = flask.request.headers.get("X-CloudTasks-TaskRetryCount", "").strip()
         return executor.execute(order, first_delivery=retry_count in ("", "0"))

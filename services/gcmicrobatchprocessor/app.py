@@ -53,10 +53,10 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         handed_over = rules.advance_batches(database, changenow, config.HOST_WALLET_USDT_ADDRESS, hand_over)
         return rules.threshold_answer(claim, threshold, handed_over)
 
-    @app.post("/swap-executed")
-    def swap_executed():
-        """Distribute the USDT GCHostPay1 saw arrive (authenticated by the T16 token itself)."""
-        return rules.complete_swap(database, web.read_token(hops.MICROBATCH_SWAP_EXECUTED, config)[0])
+    @app.token_task("/swap-executed", hops.MICROBATCH_SWAP_EXECUTED)
+    def swap_executed(executed: dict, _token: str):
+        """Distribute the USDT GCHostPay1 saw arrive."""
+        return rules.complete_swap(database, executed)
 
     return app
 

@@ -315,6 +315,24 @@ def test_vector_layout_is_what_swap_executed_reads():
     assert tokens.encode(hops.MICROBATCH_SWAP_EXECUTED, T16["fields"], KEYS, now=VECTORS["created_at"]) == T16["token"]
 
 
+def test_swap_executed_needs_the_callers_authentication_too(make_client, database):
+    """Legacy trusted the T16 token alone; a valid token replayed by anyone else must not distribute USDT."""
+    batch = swapping_batch(make_client(), database, ("30", "0.01"))
+    fields = {"batch_conversion_id": str(batch["batch_conversion_id"]), "cn_api_id": batch["cn_api_id"],
+              "tx_hash": TX_HASH}
+    client = make_client(TP_AUTH_MODE="oidc_or_hmac", TP_OIDC_AUDIENCES="https://microbatch.example",
+                         TP_OIDC_ALLOWED_EMAILS="hostpay1@telepay.iam.gserviceaccount.com")
+    raw = json.dumps({"token": fresh_t16(**fields, actual_usdt_received=29.0)}).encode()
+    unsigned = client.post("/swap-executed", data=raw, content_type="application/json")
+    assert unsigned.status_code == 401
+    assert [row["conversion_status"] for row in credits(database)] == ["swapping"]
+    signature = hmac.new(KEYS[hops.SUCCESS_KEY].encode(), raw, hashlib.sha256).hexdigest()
+    signed = client.post("/swap-executed", data=raw, content_type="application/json",
+                         headers={"X-Webhook-Signature": signature})
+    assert signed.status_code == 200, signed.json
+    assert [row["conversion_status"] for row in credits(database)] == ["completed"]
+
+
 def test_legacy_t16_fields_complete_the_batch_they_name(client, database):
     batch_id, cn_api_id = T16["fields"]["batch_conversion_id"], T16["fields"]["cn_api_id"]
     with database.transaction() as tx:

@@ -65,19 +65,15 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         estimate_request = rules.instant_estimate_request(payment, config.TP_FLAT_FEE, payout_key)
         return request_estimate(estimate_request, "Payment split request accepted")
 
-    @app.post("/batch-payout")
-    @app.auth.required
-    def batch_payout():
+    @app.token_task("/batch-payout", hops.BATCH_PAYOUT, clock=clock)
+    def batch_payout(batch: dict, _token: str):
         """Ask GCSplit2 for an estimate of a client's threshold balance (batch_mode is only informative)."""
-        batch, _ = web.read_token(hops.BATCH_PAYOUT, config, now=clock())
         estimate_request = rules.batch_estimate_request(batch)
         return request_estimate(estimate_request, "Batch payout request accepted", batch_id=batch["batch_id"])
 
-    @app.post("/usdt-eth-estimate")
-    @app.auth.required
-    def estimate_received():
+    @app.token_task("/usdt-eth-estimate", hops.ESTIMATE_RESPONSE, clock=clock)
+    def estimate_received(estimate: dict, token: str):
         """Record the payout request once per payout key and ask GCSplit3 for the exchange."""
-        estimate, token = web.read_token(hops.ESTIMATE_RESPONSE, config, now=clock())
         payout_key = rules.estimate_payout_key(estimate, token)
         web.bind_log_context(payout_key=payout_key)
         with database.transaction() as tx:
@@ -90,11 +86,9 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         return {"status": "success", "message": "Estimate recorded, swap requested", "unique_id": unique_id,
                 "task_id": task, "idempotent": not created}
 
-    @app.post("/eth-client-swap")
-    @app.auth.required
-    def exchange_created():
+    @app.token_task("/eth-client-swap", hops.SWAP_RESPONSE, clock=clock)
+    def exchange_created(swap: dict, _token: str):
         """Record the payout's exchange (the first one wins) and order GCHostPay1 to pay it."""
-        swap, _ = web.read_token(hops.SWAP_RESPONSE, config, now=clock())
         order = rules.hostpay_order(swap)
         with database.transaction() as tx:
             recorded, created = rules.record_exchange(tx, swap)

@@ -27,11 +27,9 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
 
-    @app.post("/")
-    @app.auth.required
-    def estimate():
+    @app.token_task("/", hops.ESTIMATE_REQUEST)
+    def estimate(request: dict, token: str):
         """Quote the payout swap and hand the numbers back to GCSplit1."""
-        request, token = web.read_token(hops.ESTIMATE_REQUEST, config)
         response = tokens.encode(hops.ESTIMATE_RESPONSE, rules.quote(request, changenow), config)
         # A redelivered T4 maps to the same task name, so Cloud Tasks refuses a second T5.
         task = tasks.enqueue(

@@ -34,11 +34,9 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
     changenow, tasks = changenow or ChangeNowClient.from_config(config), tasks or TasksClient.from_config(config)
     app = web.create_app(config.service, config)
 
-    @app.post("/")
-    @app.auth.required
-    def payout_exchange():
+    @app.token_task("/", hops.SWAP_REQUEST, clock=clock)
+    def payout_exchange(request: dict, _token: str):
         """Create the payout's exchange and hand its deposit address back to GCSplit1."""
-        request, _ = web.read_token(hops.SWAP_REQUEST, config, now=clock())
         exchange = rules.create_payout_exchange(request, changenow)
         web.bind_log_context(cn_api_id=exchange.exchange_id)
         response = tokens.encode(hops.SWAP_RESPONSE, rules.swap_response(request, exchange), config, now=clock())
@@ -48,11 +46,9 @@ def create_app(config: Config | None = None, *, changenow: ChangeNowClient | Non
         return {"status": "success", "message": "Exchange created, swap response sent to GCSplit1",
                 "unique_id": request["unique_id"], "cn_api_id": exchange.exchange_id, "task_id": task}
 
-    @app.post("/eth-to-usdt")
-    @app.auth.required
-    def accumulator_exchange():
+    @app.token_task("/eth-to-usdt", hops.ACCUMULATOR_SWAP_REQUEST, clock=clock)
+    def accumulator_exchange(request: dict, _token: str):
         """Create an accumulation's ETH -> USDT exchange and tell GCAccumulator where to pay."""
-        request, _ = web.read_token(hops.ACCUMULATOR_SWAP_REQUEST, config, now=clock())
         web.bind_log_context(accumulation_id=request["accumulation_id"])
         target = rules.swap_created_target(config)
         exchange = rules.create_accumulator_exchange(request, changenow)

@@ -24,19 +24,16 @@ _LEGACY_ORDER_ID = re.compile(r"PGP-(\d+)-(\d+)(?:-.*)?")
 _CORS_ORIGINS = re.compile(r"https://storage\.googleapis\.com|https://www\.paygateprime\.com|http://localhost(:\d+)?")
 
 
-class ChannelNotRegistered(errors.TransientError, code="channel_not_registered"):
-    """The paid channel is missing from main_clients_database; NowPayments retries while it is registered."""
-
-
 @dataclass(frozen=True)
 class Payment:
     """The fields of a finished NowPayments payment the pipeline uses."""
 
+    # NowPayments' own ids first, then the order id's user and channel.
     payment_id: int
+    invoice_id: str | None
     order_id: str
     user_id: int
     open_channel_id: int
-    invoice_id: str | None
     pay_address: str | None
     raw_status: str
     pay_amount: Decimal | None
@@ -45,6 +42,10 @@ class Payment:
     outcome_currency: str | None
     price_amount: Decimal | None
     price_currency: str | None
+
+
+class ChannelNotRegistered(errors.TransientError, code="channel_not_registered"):
+    """The paid channel is missing from main_clients_database; NowPayments retries while it is registered."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,10 @@ def finished_payment(notification: dict) -> Payment:
     user_id, open_channel_id = parse_order_id(notification["order_id"])
     return Payment(
         payment_id=_positive_int(notification.get("payment_id"), "payment_id"),
+        invoice_id=_text(notification.get("invoice_id")),
         order_id=notification["order_id"].strip(),
         user_id=user_id,
         open_channel_id=open_channel_id,
-        invoice_id=_text(notification.get("invoice_id")),
         pay_address=_text(notification.get("pay_address")),
         raw_status=notification["payment_status"],
         pay_amount=_amount(notification.get("pay_amount"), "pay_amount"),
