@@ -8,8 +8,8 @@ declared name gets its local value, under the same name production uses:
   shared test plugin does), on the Cloud Tasks emulator;
 * secrets and other values: from the stack (keys generated once per stack folder, the database,
   the emulator, the stand-ins, the chain's host wallet and token contracts);
-* TP_AUTH_MODE: OIDC needs Google-signed tokens that nothing local can mint, so "oidc" becomes
-  "none" and "oidc_or_hmac" becomes "hmac" (the HMAC half is checked exactly as deployed);
+* TP_AUTH_MODE: OIDC needs Google-signed tokens that the local Cloud Tasks does not mint yet, and
+  Cloud Tasks hops carry no HMAC, so both "oidc" and "oidc_or_hmac" become "none" for now;
 * DEV_DEFAULTS: delays shortened so that flows finish in seconds (production waits minutes).
 An operator overrides any name with TELEPAY_DEV_SET_<NAME>=value (applies to every service
 declaring it). A required name with no local value stops `up` with the list of what is missing.
@@ -49,7 +49,7 @@ DEV_DEFAULTS = {
     "HOSTPAY3_RETRY_DELAY_S": "2",
 }
 
-_OIDC_FREE_MODES = {"oidc": "none", "oidc_or_hmac": "hmac"}
+_OIDC_FREE_MODES = {"oidc": "none", "oidc_or_hmac": "none"}
 
 
 def load_declaration(path: Path) -> dict:
