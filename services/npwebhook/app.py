@@ -70,6 +70,8 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         order_id = flask.request.args.get("order_id", "").strip()
         if not order_id:
             raise errors.BadRequest("Missing order_id parameter", field="order_id")
+        rules.check_status_access(order_id, flask.request.args.get("sig"), config.PAYMENT_STATUS_ACCESS,
+                                  config[hops.SUCCESS_KEY].reveal())
         with database.transaction() as tx:
             return rules.landing_status(tx, order_id)
 

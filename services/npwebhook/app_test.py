@@ -13,10 +13,12 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from telepay_shared import hops, tokens
+from telepay_shared.config import ConfigError
 from telepay_shared.cloudtasks import TasksClient
 from telepay_shared.testing.pytest_plugin import KEYS, TEST_LOCATION, TEST_PROJECT, VECTORS
 from telepay_shared.testing.tasks_emulator import free_port
 
+from services.npwebhook import rules
 from services.npwebhook.app import CONFIG_PATH, create_app
 from services.npwebhook.coingecko_standin import CoinGeckoStandIn
 
@@ -315,11 +317,40 @@ def test_payment_status_api(client, database):
     assert post_ipn(client, fields).status_code == 200
     confirmed = client.get("/api/payment-status", query_string={"order_id": order_id}).json
     assert confirmed["status"] == "confirmed"
-    assert confirmed["data"] == {"order_id": order_id, "payment_status": "confirmed", "confirmed": True,
-                                 "payment_id": str(fields["payment_id"])}
+    # The NowPayments payment_id is no longer disclosed to whoever knows the order id (defect 6).
+    assert confirmed["data"] == {"order_id": order_id, "payment_status": "confirmed", "confirmed": True}
     with database.transaction() as tx:
         tx.execute("UPDATE private_channel_users_database SET payment_status = 'failed'")
     assert client.get("/api/payment-status", query_string={"order_id": order_id}).json["status"] == "failed"
+
+
+def test_status_api_in_signed_mode_answers_only_the_signed_link(client, make_client):
+    """Defect 6: order ids (PGP-<user>|<channel>) are guessable; in signed mode a status read needs the link's sig."""
+    client = make_client(env={"PAYMENT_STATUS_ACCESS": "signed"})
+    order_id = IPN["fields"]["order_id"]
+    assert post_ipn(client, finished()).status_code == 200
+    unsigned = client.get("/api/payment-status", query_string={"order_id": order_id})
+    assert unsigned.status_code == 403 and "signed link" in unsigned.json["message"]
+    assert "confirmed" not in unsigned.get_data(as_text=True)
+    sig = rules.status_signature(order_id, KEYS[hops.SUCCESS_KEY])
+    other = rules.status_signature("PGP-1|-42", KEYS[hops.SUCCESS_KEY])
+    assert client.get("/api/payment-status", query_string={"order_id": order_id, "sig": other}).status_code == 403
+    assert client.get("/api/payment-status", query_string={"order_id": order_id, "sig": ""}).status_code == 403
+    signed = client.get("/api/payment-status", query_string={"order_id": order_id, "sig": sig.upper()})
+    assert (signed.status_code, signed.json["status"]) == (200, "confirmed")
+
+
+def test_status_api_in_legacy_mode_still_refuses_a_wrong_signature(client):
+    order_id = IPN["fields"]["order_id"]
+    wrong = client.get("/api/payment-status", query_string={"order_id": order_id, "sig": "00" * 32})
+    assert wrong.status_code == 403 and wrong.json["field"] == "sig"
+    sig = rules.status_signature(order_id, KEYS[hops.SUCCESS_KEY])
+    assert client.get("/api/payment-status", query_string={"order_id": order_id, "sig": sig}).status_code == 200
+
+
+def test_status_api_access_switch_refuses_an_unknown_mode(make_client):
+    with pytest.raises(ConfigError, match="PAYMENT_STATUS_ACCESS"):
+        make_client(env={"PAYMENT_STATUS_ACCESS": "anyone"})
 
 
 def test_status_api_answers_cors_only_to_landing_page_origins(client):
@@ -333,7 +364,7 @@ def test_status_api_answers_cors_only_to_landing_page_origins(client):
 def test_landing_page_polls_the_status_api(client):
     page = client.get("/payment-processing")
     assert page.status_code == 200 and page.mimetype == "text/html"
-    assert b"/api/payment-status?order_id=" in page.data
+    assert b"/api/payment-status?order_id=" in page.data and b'"&sig="' in page.data
 
 
 def test_health(client):

@@ -2,6 +2,8 @@
 validated-payment task for GCWebhook1 (spec §4.1, §8.8, defects 10, 19, 22)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -311,17 +313,36 @@ def landing_status(tx, order_id: str) -> dict:
     if channel is None:
         raise errors.NotFound("Channel not found")
     row = tx.fetchone(
-        "SELECT payment_status, nowpayments_payment_id FROM private_channel_users_database"
+        "SELECT payment_status FROM private_channel_users_database"
         " WHERE user_id = %s AND private_channel_id = %s ORDER BY id DESC LIMIT 1",
         (user_id, channel.closed_channel_id))
     status = (row or {}).get("payment_status") or "pending"
+    # Legacy also answered the NowPayments payment_id; the page never used it and anyone who knows
+    # the (guessable) order id could read it, so it is no longer disclosed (defect 6).
     data = {"order_id": order_id, "payment_status": status, "confirmed": status == "confirmed"}
     if status == "confirmed":
-        return {"status": "confirmed", "message": "Payment confirmed - redirecting to Telegram",
-                "data": {**data, "payment_id": row["nowpayments_payment_id"]}}
+        return {"status": "confirmed", "message": "Payment confirmed - redirecting to Telegram", "data": data}
     if status == "failed":
         return {"status": "failed", "message": "Payment failed", "data": data}
     return {"status": "pending", "message": "Payment pending - waiting for confirmation", "data": data}
+
+
+def status_signature(order_id: str, key: str) -> str:
+    """The `sig` a signed landing link carries: hex HMAC-SHA256 of the order id."""
+    return hmac.new(key.encode(), order_id.encode(), hashlib.sha256).hexdigest()
+
+
+def check_status_access(order_id: str, sig: str | None, access: str, key: str) -> None:
+    """Refuse a status read the link does not entitle (defect 6: order ids are guessable).
+
+    In 'signed' mode only a link with the right `sig` may read; in 'order_id' mode (links made by the
+    legacy bot, which signs nothing) a missing sig is let through, but a wrong one never is."""
+    if sig is None and access == "order_id":
+        return
+    if sig is None:
+        raise errors.Forbidden("this status needs the signed link (sig parameter)", field="sig")
+    if not hmac.compare_digest(sig.strip().lower(), status_signature(order_id, key)):
+        raise errors.Forbidden("the link's signature does not match the order", field="sig")
 
 
 def cors_allowed(origin: str | None) -> bool:
