@@ -18,6 +18,7 @@ from typing import Callable
 import flask
 
 from telepay_shared import errors, hops, tokens, web
+from telepay_shared.alerts import Alerter
 from telepay_shared.changenow import ChangeNowClient
 from telepay_shared.cloudtasks import TasksClient
 from telepay_shared.config import Config, load_config, read_declaration
@@ -32,10 +33,11 @@ CONFIG_PATH = Path(__file__).with_name("service_config.json")
 
 def create_app(config: Config | None = None, *, database: Database | None = None,
                changenow: ChangeNowClient | None = None, tasks: TasksClient | None = None,
-               clock: Callable[[], float] = time.time) -> flask.Flask:
+               clock: Callable[[], float] = time.time, alerter: Alerter | None = None) -> flask.Flask:
     """Build the service; configuration, database and clients default to the deployment's own."""
     config = config or load_config(CONFIG_PATH)
     database = database or Database.from_env(config)
+    alerter = alerter or Alerter.from_config(config.service, config)
     changenow = changenow or ChangeNowClient.from_config(config)
     tasks = tasks or TasksClient.from_config(config)
     retry_url = config.GCHOSTPAY1_URL.rstrip("/") + "/retry-callback-check"
@@ -52,7 +54,7 @@ def create_app(config: Config | None = None, *, database: Database | None = None
         with database.transaction() as tx:
             recorded = rules.record_for_review(tx, case)
         if recorded:
-            rules.alert(case)
+            rules.alert(case, alerter)
         return {"status": rules.REVIEW_STATUS, "unique_id": case.unique_id, "error_code": case.error_code,
                 "message": case.error_message}
 

@@ -43,9 +43,9 @@ def new_unique_id() -> str:
 
 
 @pytest.fixture
-def env(service_env, changenow, deliveries, database_url):
+def env(service_env, changenow, deliveries, database_url, slack):
     return service_env(
-        CONFIG_PATH, CHANGENOW_API_URL=changenow.url, DATABASE_URL=database_url,
+        CONFIG_PATH, CHANGENOW_API_URL=changenow.url, DATABASE_URL=database_url, SLACK_ALERT_WEBHOOK=slack.url("/hook"),
         GCHOSTPAY2_URL=deliveries.url("/gchostpay2"), GCHOSTPAY3_URL=deliveries.url("/gchostpay3"),
         GCHOSTPAY1_URL=deliveries.url("/"), MICROBATCH_URL=deliveries.url("/"), TP_CALLBACK_RETRY_DELAY_S="0",
     )
@@ -229,7 +229,7 @@ def test_defect25_a_funded_exchange_gets_no_second_transfer(client, database, de
 
 
 @pytest.mark.parametrize("status", ["failed", "refunded", "expired", "verifying"])
-def test_defect25_a_dead_exchange_is_recorded_for_review_once(client, database, deliveries, caplog, status):
+def test_defect25_a_dead_exchange_is_recorded_for_review_once(client, database, deliveries, caplog, slack, status):
     unique_id = new_unique_id()
     token = mint(hops.STATUS_VERIFIED, unique_id=unique_id, status=status)
     for _ in range(2):  # legacy: 400 and Cloud Tasks retried for 24 h; now done on the first delivery
@@ -244,6 +244,8 @@ def test_defect25_a_dead_exchange_is_recorded_for_review_once(client, database, 
                    "last_error_details": {"changenow_status": status}}
     alerts = [r for r in caplog.records if getattr(r, "event_type", None) == rules.REVIEW_EVENT]
     assert [(a.levelname, a.unique_id) for a in alerts] == [("ERROR", unique_id)]  # alerted once
+    [notification] = slack.expect_exactly(1, quiet_s=0.2)  # and the operators were told, once
+    assert unique_id in json.loads(notification.body)["text"] and f"EXCHANGE_{status.upper()}" in notification.body.decode()
     assert nothing_sent(deliveries)
 
 

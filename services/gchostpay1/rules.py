@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
 from telepay_shared import errors, hops, tokens
+from telepay_shared.alerts import Alerter
 from telepay_shared.changenow import ExchangeStatus
 from telepay_shared.db import Transaction
 
@@ -276,11 +277,10 @@ def record_for_review(tx: Transaction, review: Review) -> bool:
     return True
 
 
-def alert(review: Review) -> None:
-    """Raise the alarm for a payout recorded for review (an ERROR log line, as legacy's alert record)."""
+def alert(review: Review, alerter: Alerter) -> None:
+    """Raise the alarm for a payout recorded for review: an ERROR log record and the operators' Slack."""
     record = {k: str(v) if isinstance(v, Decimal) else v for k, v in asdict(review).items()}
-    log.error("payout %s needs review: %s", review.unique_id, review.error_code,
-              extra={"event_type": REVIEW_EVENT, "alert": True, **record})
+    alerter.alert(REVIEW_EVENT, f"payout {review.unique_id} needs review: {review.error_code}", **record)
 
 
 def threshold_callback_unimplemented(unique_id: str) -> dict:
