@@ -1,8 +1,9 @@
 """Typed errors of the payment pipeline and the HTTP status each maps to.
 
-Cloud Tasks retries every non-2xx answer, so the status is a retry decision: a permanent
-problem (bad input, bad token, a rejected exchange) answers 4xx and is dropped, a transient one
-(database down, ChangeNOW unavailable) answers 5xx or 429 and is retried. The web layer maps
+Cloud Tasks retries every non-2xx answer until the queue's retry configuration gives up, so a
+permanent problem (bad input, bad token, a rejected exchange) answers 4xx before anything is
+written, which makes its retries harmless and leaves it in the failed tasks; a transient one
+(database down, ChangeNOW unavailable) answers 5xx or 429 and its retry succeeds. The web layer maps
 these classes to responses in exactly one place (telepay_shared.web).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class TelePayError(Exception):
 
 
 class PermanentError(TelePayError, status=400, code="bad_request"):
-    """Retrying the same request cannot succeed: answer 4xx so Cloud Tasks drops it."""
+    """Retrying the same request cannot succeed: answer 4xx, having changed nothing."""
 
 
 class BadRequest(PermanentError, status=400, code="bad_request"):

@@ -103,9 +103,12 @@ STATUS_CHECK = Hop("gchostpay1->gchostpay2", (*_TRANSFER_HEAD, *_TRANSFER_TAIL),
 # T11 GCHostPay2 → GCHostPay1 POST /status-verified
 STATUS_VERIFIED = Hop("gchostpay2->gchostpay1", (*_TRANSFER_HEAD, Field("status", STR8), *_TRANSFER_TAIL),
                       SUCCESS_KEY, STRICT, U32, HOSTPAY_WINDOW, min_length=52)
-# T12 GCHostPay1 → GCHostPay3 POST / (execute payment; T13 retries arrive here too, hence the optional fields)
+# T12 GCHostPay1 → GCHostPay3 POST / (execute payment; T13 retries arrive here too, hence the optional fields).
+# Deviation: context is required. Legacy's decoder defaulted it to "instant", so a T10 status check
+# (the same fields without context, same key) was also a valid payment order that skipped
+# GCHostPay1's exchange-status gate (defect 25); every live T12 sender writes context.
 EXECUTE_PAYMENT = Hop("gchostpay1->gchostpay3", (
-    *_TRANSFER_HEAD, *_TRANSFER_TAIL, Field("context", STR8, transform="lower", default="instant"),
+    *_TRANSFER_HEAD, *_TRANSFER_TAIL, _lower("context"),
     Field("attempt_count", U32, default=1, group="retry"), Field("first_attempt_at", U32, default=NOW, group="retry"),
     Field("error_code", STR8, default=None, group="retry"),
 ), SUCCESS_KEY, STRICT, U32, HOSTPAY_WINDOW, min_length=52)

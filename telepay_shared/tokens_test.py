@@ -483,9 +483,14 @@ def test_swap_response_without_actual_eth_amount_defaults_to_zero():
     assert tokens.decode(name, tokens.encode(name, fields, KEYS, NOW), KEYS, NOW)["actual_eth_amount"] == 0.0
 
 
-def test_execute_payment_accepts_a_token_without_context_as_instant():
-    token = tokens.encode(STATUS, vector(STATUS)["fields"], KEYS, NOW)  # same layout minus context
-    out = tokens.decode("gchostpay1->gchostpay3", token, KEYS, NOW + 7)
+def test_execute_payment_refuses_a_status_check_token_without_context():
+    # T10 carries T12's fields minus context under the same key: it must not order a payment.
+    token = tokens.encode(STATUS, vector(STATUS)["fields"], KEYS, NOW)
+    assert reason("gchostpay1->gchostpay3", token) == "wrong_length"
+
+
+def test_execute_payment_defaults_the_retry_fields_of_a_first_attempt():
+    out = tokens.decode("gchostpay1->gchostpay3", vector("gchostpay1->gchostpay3")["token"], KEYS, NOW + 7)
     assert out["context"] == "instant" and out["attempt_count"] == 1 and out["first_attempt_at"] == NOW + 7
 
 
@@ -504,7 +509,7 @@ def test_optional_groups_are_all_or_nothing_and_trailing():
         tokens.encode("gchostpay1->gchostpay3", {**base, "attempt_count": 2, "first_attempt_at": NOW}, KEYS, NOW)
     no_context = {k: v for k, v in base.items() if k != "context"}
     retry = {"attempt_count": 2, "first_attempt_at": NOW, "error_code": ""}
-    with pytest.raises(errors.BadRequest, match="omitted optional"):
+    with pytest.raises(errors.BadRequest, match="'context' is missing"):  # required: see hops.EXECUTE_PAYMENT
         tokens.encode("gchostpay1->gchostpay3", {**no_context, **retry}, KEYS, NOW)
     token = tokens.encode("gchostpay1->gchostpay3", {**base, **retry}, KEYS, NOW)
     assert tokens.decode("gchostpay1->gchostpay3", token, KEYS, NOW)["error_code"] == ""

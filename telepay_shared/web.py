@@ -19,6 +19,11 @@ Inbound authentication, switched per service by configuration (``AuthPolicy.from
                                           locally; any token inside the body is still verified.
     TP_OIDC_AUDIENCES       csv of accepted `aud` values (the URL the tasks are created with)
     TP_OIDC_ALLOWED_EMAILS  csv of service accounts allowed to call
+    TP_OIDC_CERTS_URL       where the signing certificates are fetched (default Google's,
+                            https://www.googleapis.com/oauth2/v1/certs): only the local stack and
+                            tests point it at a local issuer (telepay_shared.testing.oidc); any other
+                            value is logged as a WARNING when the policy is built. The issuer
+                            (https://accounts.google.com), audience, caller and expiry checks stay.
 
 Gunicorn on Cloud Run (``serve``): bind 0.0.0.0:$PORT, 1 worker (Cloud Run scales by instances
 and one process keeps memory flat on 1 vCPU), 8 threads (handlers wait on Cloud SQL, Cloud Tasks
@@ -63,6 +68,8 @@ LOG_IDS = ("unique_id", "cn_api_id", "payout_key", "batch_conversion_id", "batch
 AUTH_MODES = ("oidc", "hmac", "oidc_or_hmac", "none")
 DEFAULT_RETRY_AFTER_S = 60  # the queues' fixed 60 s backoff (spec §5)
 OIDC_CLOCK_SKEW_S = 10
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"  # what verify_oauth2_token reads
+GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 CERTS_CACHE_TTL_S = 3600  # Google publishes signing keys well before it uses them
 CLOUD_RUN_GUNICORN = {
     "worker_class": "gthread",
@@ -176,7 +183,7 @@ def _error_response(status: int, code: str, message: str, details=None, headers=
 
 
 def _telepay_error(exc: TelePayError) -> flask.Response:
-    """Maps a typed pipeline error to its status: 4xx drops the task, 5xx/429 retries it."""
+    """Maps a typed pipeline error to its status: 4xx cannot succeed, 5xx/429 will on a retry."""
     details = dict(exc.details)
     if isinstance(exc, TokenRejected):
         details.setdefault("reason", exc.reason)
@@ -337,19 +344,24 @@ _GOOGLE_CERTS = CachedCertsTransport()
 
 
 def verify_oidc_token(
-    audiences: Iterable[str], allowed_emails: Iterable[str], *, request=None, certs_transport=None
+    audiences: Iterable[str], allowed_emails: Iterable[str], *, request=None, certs_transport=None,
+    certs_url: str = GOOGLE_CERTS_URL,
 ) -> dict:
-    """Verifies the Bearer ID token (signature, expiry, issuer, audience, caller); returns its claims."""
+    """Verifies the Bearer ID token (signature by a key of certs_url, expiry, issuer, audience, caller);
+    returns its claims."""
     request = request or flask.request
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("missing Authorization: Bearer identity token")
     try:
-        claims = google.oauth2.id_token.verify_oauth2_token(
-            token, certs_transport or _GOOGLE_CERTS, audience=list(audiences),
+        # verify_oauth2_token with the certs URL configurable: the same checks, then its issuer check.
+        claims = google.oauth2.id_token.verify_token(
+            token, certs_transport or _GOOGLE_CERTS, audience=list(audiences), certs_url=certs_url,
             clock_skew_in_seconds=OIDC_CLOCK_SKEW_S,
         )
+        if claims.get("iss") not in GOOGLE_ISSUERS:
+            raise google.auth.exceptions.GoogleAuthError(f"wrong issuer {str(claims.get('iss'))[:100]!r}")
     except google.auth.exceptions.TransportError:
         raise TransientError("Google signing certificates are unavailable") from None
     except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
@@ -373,6 +385,7 @@ class AuthPolicy:
     hmac_header: str = "X-Webhook-Signature"
     hmac_algorithm: str = "sha256"
     certs_transport: Callable | None = field(default=None, repr=False, compare=False)
+    certs_url: str = GOOGLE_CERTS_URL
 
     def __post_init__(self):
         uses_oidc, uses_hmac = "oidc" in self.mode, "hmac" in self.mode
@@ -386,14 +399,18 @@ class AuthPolicy:
         failed = [message for ok, message in problems if not ok]
         if failed:
             raise ConfigError("inbound authentication is misconfigured: " + "; ".join(failed))
+        if uses_oidc and self.certs_url != GOOGLE_CERTS_URL:
+            log.warning("identity tokens are verified with the certificates of %s, not Google's: "
+                        "for the local stack and tests only", self.certs_url)
 
     @classmethod
     def from_config(cls, config: Config, *, hmac_secret=None, **options) -> AuthPolicy:
-        """Reads TP_AUTH_MODE (default oidc), TP_OIDC_AUDIENCES and TP_OIDC_ALLOWED_EMAILS."""
+        """Reads TP_AUTH_MODE (default oidc), TP_OIDC_AUDIENCES, TP_OIDC_ALLOWED_EMAILS and TP_OIDC_CERTS_URL."""
         return cls(
             mode=config.get("TP_AUTH_MODE", "oidc"),
             audiences=tuple(config.get("TP_OIDC_AUDIENCES", ())),
             allowed_emails=tuple(config.get("TP_OIDC_ALLOWED_EMAILS", ())),
+            certs_url=config.get("TP_OIDC_CERTS_URL") or GOOGLE_CERTS_URL,
             hmac_secret=hmac_secret,
             **options,
         )
@@ -412,7 +429,8 @@ class AuthPolicy:
 def _oidc_caller(request, policy: AuthPolicy) -> dict:
     """Authenticates by Google ID token."""
     claims = verify_oidc_token(
-        policy.audiences, policy.allowed_emails, request=request, certs_transport=policy.certs_transport
+        policy.audiences, policy.allowed_emails, request=request, certs_transport=policy.certs_transport,
+        certs_url=policy.certs_url,
     )
     return {"auth": "oidc", "caller": claims["email"]}
 

@@ -16,15 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from google.auth import crypt, jwt
 
 from telepay_shared import web
 from telepay_shared.config import Config, Secret
 from telepay_shared.errors import (
     BadRequest, ConfigError, Conflict, NotFound, RateLimited, TokenRejected, TransientError, Unauthorized,
 )
+from telepay_shared.testing.oidc import CertsServer, CertsTransport, OidcIssuer
 
 AUDIENCE = "https://gcsplit1-abc-uc.a.run.app"
 TASKS_EMAIL = "cloud-tasks@telepay-test.iam.gserviceaccount.com"
@@ -33,40 +31,15 @@ DB_PASSWORD = "db-password-hunter2"
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 
 
-def private_pem(key) -> bytes:
-    """Serializes an RSA private key as PEM."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 @pytest.fixture(scope="module")
 def google_key():
-    """The RSA key standing in for Google's ID-token signing key."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    """The local issuer standing in for Google's ID-token signing key."""
+    return OidcIssuer()
 
 
-class StandInCertsEndpoint:
-    """Answers Google's certs URL like google-auth's transport, from locally held public keys."""
-
-    def __init__(self, keys: dict, status: int = 200):
-        self.body = json.dumps({kid: key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-            for kid, key in keys.items()}).encode()
-        self.status = status
-        self.calls: list[str] = []
-
-    def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
-        self.calls.append(url)
-        return SimpleNamespace(status=self.status, data=self.body, headers={})
-
-
-def mint(key, kid="google-1", **overrides) -> str:
-    """Mints an RS256 ID token shaped like the ones Cloud Tasks sends."""
-    now = int(time.time())
-    claims = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "sub": "1234567890", "iat": now,
-              "exp": now + 3600, "email": TASKS_EMAIL, "email_verified": True, **overrides}
-    signer = crypt.RSASigner.from_string(private_pem(key), key_id=kid)
-    return jwt.encode(signer, claims).decode()
+def mint(issuer: OidcIssuer, **overrides) -> str:
+    """Mints an RS256 ID token shaped like the ones Cloud Tasks sends to AUDIENCE."""
+    return issuer.mint(AUDIENCE, TASKS_EMAIL, **overrides)
 
 
 @pytest.fixture
@@ -89,7 +62,7 @@ def log_lines(stream) -> list[dict]:
 
 @pytest.fixture
 def certs(google_key):
-    return StandInCertsEndpoint({"google-1": google_key})
+    return google_key.transport()
 
 
 def build_app(certs_transport, **create_options):
@@ -362,7 +335,7 @@ def test_oidc_rejects_callers_not_allowed(client, google_key, claims):
 
 
 def test_oidc_rejects_a_token_signed_by_another_key(client):
-    forged = mint(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    forged = mint(OidcIssuer())
     assert client.post("/oidc", headers=bearer(forged)).status_code == 401
 
 
@@ -380,7 +353,7 @@ def test_malformed_token_is_rejected_without_being_logged(client, log_stream):
 
 
 def test_unreachable_google_certs_are_transient(google_key):
-    client = build_app(StandInCertsEndpoint({}, status=503)).test_client()
+    client = build_app(CertsTransport([], status=503)).test_client()
     response = client.post("/oidc", headers=bearer(mint(google_key)))
     assert response.status_code == 503 and response.get_json()["error"] == "unavailable"
 
@@ -406,6 +379,35 @@ def test_oidc_or_hmac_accepts_either_and_lists_both_reasons(client, google_key):
     assert response.get_json()["message"] == (
         "identity token rejected; X-Webhook-Signature does not match the request body")
     assert client.post("/open").get_json() == {"status": "ok", "auth": "none"}
+
+
+def test_oidc_certs_come_from_google_unless_tp_oidc_certs_url_names_another_place(google_key, log_stream):
+    local = "http://127.0.0.1:9/oauth2/v1/certs"
+    for certs_url, expected in ((None, "https://www.googleapis.com/oauth2/v1/certs"), (local, local)):
+        transport = google_key.transport()
+        config = Config("probe", {"TP_AUTH_MODE": "oidc", "TP_OIDC_AUDIENCES": (AUDIENCE,),
+                                  "TP_OIDC_ALLOWED_EMAILS": (TASKS_EMAIL,), "TP_OIDC_CERTS_URL": certs_url})
+        policy = web.AuthPolicy.from_config(config, certs_transport=transport)
+        app = web.create_app("probe")
+        app.add_url_rule("/oidc", "oidc", policy.required(lambda: "ok"), methods=["POST"])
+        assert app.test_client().post("/oidc", headers=bearer(mint(google_key))).status_code == 200
+        assert transport.calls == [expected]
+    warnings = [line["message"] for line in log_lines(log_stream) if line["severity"] == "WARNING"]
+    assert warnings == [f"identity tokens are verified with the certificates of {local}, not Google's: "
+                        "for the local stack and tests only"]
+
+
+def test_oidc_verifies_against_a_local_issuer_over_http(google_key):
+    """The real certificate fetch (google-auth over requests) from a CertsServer, as the local stack does it."""
+    with CertsServer(google_key) as server:
+        policy = web.AuthPolicy("oidc", (AUDIENCE,), (TASKS_EMAIL,), certs_url=server.url)
+        app = web.create_app("probe")
+        app.add_url_rule("/oidc", "oidc", policy.required(lambda: "ok"), methods=["POST"])
+        client = app.test_client()
+        assert client.post("/oidc", headers=bearer(mint(google_key))).status_code == 200
+        assert client.post("/oidc", headers=bearer(mint(OidcIssuer()))).status_code == 401
+        assert client.post("/oidc", headers=bearer(mint(google_key, email_verified=False))).status_code == 401
+        assert server.requests == 1  # the certificates are cached (CERTS_CACHE_TTL_S)
 
 
 def test_auth_policy_is_validated_at_start_up():

@@ -19,6 +19,7 @@ What gcloud-tasks-emulator 0.6.2 does (checked against its server.py and by prob
   ignored. Each queue delivers one task at a time through `urlopen` with no timeout, so a
   receiver that hangs stalls its queue.
 * OIDC tokens are stored on the task but never minted: no Authorization header is sent.
+  `install_oidc_tokens` adds them (below).
 * Task names are stored but NOT de-duplicated: creating the same name twice creates two tasks,
   and both are delivered. Production Cloud Tasks answers ALREADY_EXISTS, and that refusal is
   what `TasksClient.enqueue` relies on for idempotency.
@@ -30,10 +31,14 @@ What gcloud-tasks-emulator 0.6.2 does (checked against its server.py and by prob
   list_tasks.
 * The gRPC server listens on [::]:<port> (every interface), whatever host it is given.
 
-So the subprocess started here is the emulator with two changes that make it answer as
+So the subprocess started here is the emulator with three changes that make it answer as
 production does (see `install_cloud_tasks_fidelity`). A reused task name answers
 ALREADY_EXISTS; the emulator remembers names for its whole life, whereas production frees them
-about an hour after the task ran or was deleted. A missing queue answers NOT_FOUND.
+about an hour after the task ran or was deleted. A missing queue answers NOT_FOUND. And
+(`install_oidc_tokens`) a task whose http_request has an oidc_token is delivered with
+`Authorization: Bearer <ID token>`, minted at each delivery for its service_account_email and
+audience (the task's URL when it names none) by a local issuer (telepay_shared.testing.oidc):
+`TasksEmulator.oidc_issuer`, whose certificates a `CertsServer` publishes for the services.
 
 Version notes:
 * 0.4.0 cannot run with google-cloud-tasks 2.x: it imports `google.cloud.tasks_v2.proto`, which
@@ -47,6 +52,7 @@ Version notes:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import secrets
@@ -64,6 +70,7 @@ import grpc
 from google.api_core import exceptions as gexc
 
 from telepay_shared.testing.harness import Harness
+from telepay_shared.testing.oidc import OidcIssuer
 
 LOOPBACK = "127.0.0.1"
 EMULATOR_MODULE = "telepay_shared.testing.tasks_emulator"
@@ -97,6 +104,23 @@ def install_cloud_tasks_fidelity(server_module) -> None:
     state_class.create_task = create_task_like_cloud_tasks
 
 
+def install_oidc_tokens(server_module, issuer: OidcIssuer) -> None:
+    """Patch the emulator so a task with an oidc_token is delivered with the ID token Cloud Tasks would attach."""
+    make_task_request = server_module._make_task_request
+
+    def make_task_request_with_identity(queue_name, task, host, port):
+        """Deliver the task; one with an oidc_token carries a fresh token in a copy, so none is stored."""
+        identity = task.http_request.oidc_token
+        if not identity.service_account_email:
+            return make_task_request(queue_name, task, host, port)
+        audience = identity.audience or task.http_request.url
+        signed = copy.deepcopy(task)
+        signed.http_request.headers["Authorization"] = "Bearer " + issuer.mint(audience, identity.service_account_email)
+        return make_task_request(queue_name, signed, host, port)
+
+    server_module._make_task_request = make_task_request_with_identity
+
+
 def _child_environment() -> dict:
     """Return the environment for the emulator subprocess, with this process's import path."""
     # Under Bazel the packages live in runfiles directories listed only in sys.path.
@@ -108,9 +132,10 @@ def _child_environment() -> dict:
 class TasksEmulator(Harness):
     """gcloud-tasks-emulator (patched for fidelity) running as a subprocess on 127.0.0.1."""
 
-    def __init__(self, startup_timeout_s: float = 20.0, max_retries: int = -1):
+    def __init__(self, startup_timeout_s: float = 20.0, max_retries: int = -1, oidc_issuer: OidcIssuer | None = None):
         self.startup_timeout_s = startup_timeout_s
         self.max_retries = max_retries
+        self.oidc_issuer = oidc_issuer or OidcIssuer()  # signs the OIDC tokens of the tasks it delivers
         self.port: int | None = None
         self._process: subprocess.Popen | None = None
         self._log_dir: tempfile.TemporaryDirectory | None = None
@@ -133,8 +158,11 @@ class TasksEmulator(Harness):
         """Start the subprocess and return once it accepts gRPC connections."""
         self.port = free_port()
         self._log_dir = tempfile.TemporaryDirectory(prefix="tasks-emulator-")
+        key_path = Path(self._log_dir.name) / "oidc-key.pem"
+        key_path.touch(mode=0o600)
+        key_path.write_text(self.oidc_issuer.private_pem())
         command = [sys.executable, "-m", EMULATOR_MODULE, "--port", str(self.port),
-                   "--max-retries", str(self.max_retries)]
+                   "--max-retries", str(self.max_retries), "--oidc-key", str(key_path)]
         with open(self.log_path, "wb") as log_file:
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -269,6 +297,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="gcloud-tasks-emulator with Cloud Tasks name de-duplication")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-retries", type=int, default=-1)
+    parser.add_argument("--oidc-key", help="PEM file of the key that signs tasks' OIDC tokens (none: no token)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Imported here so a test process that only uses DeliveryRecorder does not need the package.
@@ -278,6 +307,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"gcloud-tasks-emulator >= 0.5 is required: {exc}")
 
     install_cloud_tasks_fidelity(server)
+    if args.oidc_key:
+        install_oidc_tokens(server, OidcIssuer.from_pem(Path(args.oidc_key).read_bytes()))
     server.create_server(LOOPBACK, args.port, max_retries=args.max_retries).run()
     return 0
 
