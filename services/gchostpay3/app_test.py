@@ -17,7 +17,6 @@ from web3 import Web3
 from telepay_shared import errors, hops, tokens
 from telepay_shared.testing.evm import LocalChain
 from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
-from telepay_shared.testing.tasks_emulator import DeliveryRecorder
 
 from services.gchostpay3.app import CONFIG_PATH, create_app
 from services.gchostpay3.wallet import Wallet
@@ -31,13 +30,6 @@ OLD = 6700  # seconds: a token this old is past HOSTPAY3_REVIEW_AFTER_S (6600) b
 @pytest.fixture
 def chain():
     return LocalChain()
-
-
-@pytest.fixture
-def slack():
-    """A Slack incoming-webhook stand-in: every alert notification lands here."""
-    with DeliveryRecorder() as recorder:
-        yield recorder
 
 
 @pytest.fixture

@@ -343,7 +343,7 @@ def test_legacy_t16_fields_complete_the_batch_they_name(client, database):
     answer = client.post("/swap-executed", json={"token": fresh_t16()})
     assert answer.status_code == 200, answer.json
     assert answer.json == {"status": "success", "message": "USDT distributed to the batch's credits",
-                           "batch_conversion_id": batch_id, "actual_usdt_received": "52.38123400",
+                           "batch_conversion_id": batch_id, "actual_usdt_received": "52.381234",
                            "records_updated": 1, "tx_hash": T16["fields"]["tx_hash"]}
     [row] = credits(database)
     assert (row["id"], row["accumulated_amount_usdt"], row["conversion_status"], row["conversion_tx_hash"]) == (
@@ -357,7 +357,7 @@ def test_legacy_t16_fields_complete_the_batch_they_name(client, database):
 def test_received_usdt_is_shared_in_proportion_and_adds_up_exactly(client, database):
     batch = swapping_batch(client, database, ("12", "0.004"), ("5", "0.00166667"), ("10", "0.00333333"))
     before = {c["id"]: c["accumulated_amount_usdt"] for c in credits(database)}
-    received = Decimal("25.49999997")
+    received = Decimal("25.499999")
     answer = client.post("/swap-executed", json={"token": fresh_t16(
         batch_conversion_id=str(batch["batch_conversion_id"]), cn_api_id=batch["cn_api_id"], tx_hash=TX_HASH,
         actual_usdt_received=float(received))})
@@ -367,9 +367,23 @@ def test_received_usdt_is_shared_in_proportion_and_adds_up_exactly(client, datab
     total = sum(before.values())
     for credit in after:
         exact = received * before[credit["id"]] / total
-        assert abs(credit["accumulated_amount_usdt"] - exact) < Decimal("3E-8")
+        assert abs(credit["accumulated_amount_usdt"] - exact) < Decimal("3E-6")
+        assert credit["accumulated_amount_usdt"] == credit["accumulated_amount_usdt"].quantize(Decimal("1E-6"))
         assert (credit["conversion_status"], credit["conversion_tx_hash"]) == ("completed", TX_HASH)
     assert batches(database)[0]["actual_usdt_received"] == received
+
+
+def test_usdt_finer_than_the_token_is_rounded_down_to_what_arrived(client, database):
+    """Regression (tools/dev soak): ChangeNOW's amountTo 52.3400646 USDT pays 52.340064 on chain (6 decimals);
+    the batch records that, so payout batches built from its shares are amounts a transfer can send."""
+    batch = swapping_batch(client, database, ("12", "0.004"), ("10", "0.00333333"))
+    answer = client.post("/swap-executed", json={"token": fresh_t16(
+        batch_conversion_id=str(batch["batch_conversion_id"]), cn_api_id=batch["cn_api_id"], tx_hash=TX_HASH,
+        actual_usdt_received=52.3400646)})
+    assert answer.status_code == 200 and answer.json["actual_usdt_received"] == "52.340064"
+    assert sum(c["accumulated_amount_usdt"] for c in credits(database)) == Decimal("52.340064")
+    assert all(c["accumulated_amount_usdt"] == c["accumulated_amount_usdt"].quantize(Decimal("1E-6"))
+               for c in credits(database))
 
 
 def test_redelivered_t16_changes_nothing(client, database):
@@ -381,7 +395,7 @@ def test_redelivered_t16_changes_nothing(client, database):
     state = (credits(database), batches(database))
     again = client.post("/swap-executed", json={"token": fresh_t16(**fields, actual_usdt_received=99.0)})
     assert again.status_code == 200
-    assert (again.json["records_updated"], again.json["actual_usdt_received"]) == (0, "22.50000000")
+    assert (again.json["records_updated"], again.json["actual_usdt_received"]) == (0, "22.50000000")  # as stored
     assert (credits(database), batches(database)) == state
 
 

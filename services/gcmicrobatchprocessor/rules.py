@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Callable
 
 from telepay_shared import errors
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 CLAIM_LOCK = "gcmicrobatchprocessor:claim-pending-credits"
 SWAP_FROM, SWAP_TO, SWAP_NETWORK = "eth", "usdt", "eth"  # both legs on Ethereum (spec §8.7)
 AMOUNT_STEP = Decimal("0.00000001")  # 8 places: exact in a T15 f64 and in NUMERIC(20,8)
+# ERC-20 USDT on Ethereum (both legs, spec §8.7) has 6 decimals: the wallet can hold no finer amount, so
+# the USDT received and every credit's share of it are kept in whole base units. Shares at 8 places
+# summed to batch totals no transfer can send (gchostpay3 refused them as INVALID_AMOUNT: the soak found it).
+USDT_STEP = Decimal("0.000001")
 MAX_USDT = Decimal("1E12")  # batch_conversions.actual_usdt_received is NUMERIC(20,8)
 MAX_TX_HASH = 100  # payout_accumulation.conversion_tx_hash is VARCHAR(100)
 CLAIMED, SWAPPING, COMPLETED, FAILED = "pending", "swapping", "completed", "failed"
@@ -267,30 +271,36 @@ def complete_swap(database: Database, swap: dict) -> dict:
 
 
 def distribute_usdt(weights: list[Decimal], received: Decimal) -> list[Decimal]:
-    """Split `received` in proportion to `weights` (§8.5): 8 places rounded down, the last share takes the remainder.
+    """Split `received` in proportion to `weights` (§8.5): whole USDT base units (6 places) rounded down, the
+    last share takes the remainder.
 
     Rounding every share down keeps the remainder non-negative, and the shares add up to
-    `received` exactly (legacy let PostgreSQL round each one and only logged the mismatch).
+    `received` exactly (legacy let PostgreSQL round each one and only logged the mismatch); a
+    received amount in whole base units gives shares, and so payout batches, in whole base units.
     """
     total = sum(weights, Decimal(0))
     if not weights or total <= 0 or min(weights) < 0:
         raise ValueError("USDT is distributed over non-negative weights with a positive sum")
-    shares = [(received * weight / total).quantize(AMOUNT_STEP, ROUND_DOWN) for weight in weights[:-1]]
+    shares = [(received * weight / total).quantize(USDT_STEP, ROUND_DOWN) for weight in weights[:-1]]
     return [*shares, received - sum(shares, Decimal(0))]
 
 
 def _checked_swap(swap: dict) -> tuple[str, Decimal, str]:
-    """The batch id, the USDT received (8 places) and the tx hash of a T16, or BadRequest."""
+    """The batch id, the USDT received and the tx hash of a T16, or BadRequest.
+
+    The USDT received is ChangeNOW's amountTo rounded down to whole base units: what can have
+    reached the wallet (ChangeNOW may quote finer than the token, and cannot pay a fraction of a unit).
+    """
     try:
         batch_id = str(uuid.UUID(swap["batch_conversion_id"]))
     except ValueError:
         raise errors.BadRequest("batch_conversion_id is not a UUID", field="batch_conversion_id") from None
     received = Decimal(repr(swap["actual_usdt_received"]))  # the f64 on the wire, digit for digit
-    if not received.is_finite() or not AMOUNT_STEP <= received < MAX_USDT:  # at least one unit of 8 places
+    if not received.is_finite() or not USDT_STEP <= received < MAX_USDT:  # at least one base unit
         raise errors.BadRequest(f"actual_usdt_received must be positive, got {received}", field="actual_usdt_received")
     if len(swap["tx_hash"]) > MAX_TX_HASH:
         raise errors.BadRequest(f"tx_hash is longer than {MAX_TX_HASH} characters", field="tx_hash")
-    return batch_id, received.quantize(AMOUNT_STEP, ROUND_HALF_EVEN), swap["tx_hash"]
+    return batch_id, received.quantize(USDT_STEP, ROUND_DOWN), swap["tx_hash"]
 
 
 def _swap_answer(batch_id: str, received: Decimal, records_updated: int, tx_hash: str) -> dict:

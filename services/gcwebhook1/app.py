@@ -73,8 +73,10 @@ def create_app(config: Config | None = None, *, database: Database | None = None
             raise errors.BadRequest("missing token", field="token")
         subscription = tokens.decode(hops.SUCCESS_URL, token, config)
         web.bind_log_context(user_id=subscription["user_id"])
+        # Stamped when the URL was minted, not when it is opened: a replayed URL rewrites the same subscription.
+        minted = datetime.fromtimestamp(subscription[tokens.TIMESTAMP], timezone.utc).replace(tzinfo=None)
         with database.transaction() as tx:
-            rules.record_success_url(tx, subscription, _utc_now())
+            rules.record_success_url(tx, subscription, minted)
         return {"status": "ok"}
 
     return app

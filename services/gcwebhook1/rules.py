@@ -36,8 +36,11 @@ class ValidatedPayment:
 
 
 def is_finished(body: dict) -> bool:
-    """Legacy's second defence: only NowPayments' "finished" status moves money."""
-    return str(body.get("payment_status") or "").strip().lower() == FINISHED
+    """Legacy's second defence: only NowPayments' "finished" status moves money (a status not in text is malformed)."""
+    status = body.get("payment_status")
+    if status is not None and not isinstance(status, str):
+        raise errors.BadRequest("payment_status must be a string", field="payment_status")
+    return (status or "").strip().lower() == FINISHED
 
 
 def validated_payment(body: dict) -> ValidatedPayment:
