@@ -25,14 +25,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from eth_account import Account
 from eth_tester import EthereumTester, PyEVMBackend
 from web3 import EthereumTesterProvider, Web3
-from werkzeug.serving import WSGIRequestHandler, make_server
-from werkzeug.wrappers import Request, Response
 
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent.parent / "testing" / "contracts"
 TOKEN_ARTEFACT = CONTRACTS_DIR / "TestToken.json"
@@ -208,11 +207,44 @@ def to_json_rpc(value: Any) -> Any:
     return str(value)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """Werkzeug's handler without one access-log line per call."""
+class _RpcHandler(BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection to the chain: POSTed JSON-RPC calls, answered on the same connection.
 
-    def log_request(self, *args, **kwargs) -> None:
-        pass
+    Keep-alive matters: werkzeug's server closes every connection, so each call paid a TCP
+    connect and a new server thread, on both sides, several times per payment. On a kept-alive
+    connection the answer must leave in one piece: headers and body written apart wait for the
+    client's delayed ACK (Nagle), 40 ms per call. So the answer is buffered (flushed whole after each
+    request) and Nagle is off.
+    """
+
+    protocol_version = "HTTP/1.1"
+    wbufsize = -1  # buffered: headers and body leave together at the flush that ends each request
+    disable_nagle_algorithm = True
+    server: _RpcHttpServer
+
+    def do_POST(self) -> None:
+        """A JSON-RPC call or a batch of them; the answer carries its length, so the connection stays open."""
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answer = json.dumps(self.server.rpc_server.answer_body(body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args) -> None:
+        """No access-log line per call."""
+
+
+class _RpcHttpServer(ThreadingHTTPServer):
+    """A thread per connection (a long poll holds only its own), daemon threads, the port reusable at once."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, rpc_server: JsonRpcServer):
+        super().__init__((LOOPBACK, port), _RpcHandler)
+        self.rpc_server = rpc_server
 
 
 class JsonRpcServer:
@@ -220,7 +252,7 @@ class JsonRpcServer:
 
     def __init__(self, chain: LocalChain, port: int = 0):
         self.chain = chain
-        self._server = make_server(LOOPBACK, port, self._wsgi, threaded=True, request_handler=_QuietHandler)
+        self._server = _RpcHttpServer(port, self)
         self._thread: threading.Thread | None = None
 
     @property
@@ -245,16 +277,13 @@ class JsonRpcServer:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def _wsgi(self, environ, start_response):
-        """One HTTP request: a JSON-RPC call or a batch of them."""
-        request = Request(environ)
+    def answer_body(self, body: bytes) -> Any:
+        """The response to one HTTP body: a call or a batch of them."""
         try:
-            payload = json.loads(request.get_data())
+            payload = json.loads(body)
         except ValueError:
-            body = _rpc_error(None, -32700, "parse error")
-        else:
-            body = [self._answer(call) for call in payload] if isinstance(payload, list) else self._answer(payload)
-        return Response(json.dumps(body), content_type="application/json")(environ, start_response)
+            return _rpc_error(None, -32700, "parse error")
+        return [self._answer(call) for call in payload] if isinstance(payload, list) else self._answer(payload)
 
     def _answer(self, call: Any) -> dict:
         """The response object for one call; chain rejections become JSON-RPC errors, as a node sends them."""

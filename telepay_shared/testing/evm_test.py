@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 
 import pytest
 import requests
@@ -120,3 +122,21 @@ def test_json_rpc_server_answers_batches_and_malformed_requests():
         assert batch[1]["id"] == 2 and "Unknown RPC Endpoint" in batch[1]["error"]["message"]
         assert requests.post(server.url, data=b"{", timeout=5).json()["error"]["code"] == -32700
         assert requests.post(server.url, json={"id": 3}, timeout=5).json()["error"]["code"] == -32600
+
+
+def test_json_rpc_server_answers_many_calls_on_one_kept_alive_connection():
+    """A node keeps the connection (a connect and a server thread per call cost the stack dearly)."""
+    chain = LocalChain(with_tokens=False)
+    with chain.serve_json_rpc() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=5)
+        for call_id in range(3):
+            connection.request("POST", "/", body=json.dumps({"jsonrpc": "2.0", "id": call_id, "method": "eth_chainId"}),
+                               headers={"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            assert answer.getheader("Connection") != "close"
+            assert json.loads(answer.read()) == {"jsonrpc": "2.0", "id": call_id, "result": hex(chain.chain_id)}
+        connection.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
