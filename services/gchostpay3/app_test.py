@@ -179,6 +179,36 @@ def test_node_reached_over_json_rpc_http(build, chain, deliveries):
     completions(deliveries)
 
 
+def test_the_node_is_asked_once_what_cannot_change_and_no_more_than_each_payout_needs(build, chain, deliveries,
+                                                                                      monkeypatch):
+    """Chain id and decimals are asked by the first payout only; each payout asks balance and nonce in
+    one batch, and broadcasts its fresh transfer without asking first whether the node has it."""
+    requests_seen: list[list[str]] = []
+    with chain.serve_json_rpc() as node:
+        answer_body = node.answer_body
+
+        def recording(body: bytes):
+            calls = json.loads(body)
+            requests_seen.append([call["method"] for call in (calls if isinstance(calls, list) else [calls])])
+            return answer_body(body)
+
+        monkeypatch.setattr(node, "answer_body", recording)
+        service = build(ETHEREUM_RPC_URL=node.url)
+        payins, per_payout = [new_payin() for _ in range(2)], []
+        for payin in payins:
+            before = len(requests_seen)
+            assert post(service, t12(payin, from_currency="usdt", from_amount=1.25)).status_code == 200
+            per_payout.append(requests_seen[before:])
+    assert [chain.token_balance(chain.usdt, payin) for payin in payins] == [1_250_000] * 2
+    first, second = ([method for request in requests for method in request] for requests in per_payout)
+    assert "eth_chainId" in first and "eth_chainId" not in second
+    assert (first.count("eth_call"), second.count("eth_call")) == (2, 1)  # decimals, then balanceOf only
+    for requests, methods in zip(per_payout, (first, second)):
+        assert requests.count(["eth_getBalance", "eth_getTransactionCount"]) == 1
+        assert "eth_getTransactionByHash" not in methods and methods.count("eth_sendRawTransaction") == 1
+    completions(deliveries, 2)
+
+
 # --------------------------------------------------------------------------- never twice (defects 11-13)
 
 

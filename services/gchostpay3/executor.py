@@ -35,7 +35,7 @@ from telepay_shared.db import Database, Transaction
 
 from services.gchostpay3 import ledger, rules
 from services.gchostpay3.ledger import RecordedTransfer
-from services.gchostpay3.rules import Asset, Order, Transfer
+from services.gchostpay3.rules import Asset, Fees, Order, Transfer
 from services.gchostpay3.wallet import Receipt, SignedTransfer, Wallet
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,29 @@ class PaymentExecutor:
                 outcome = self._give_up(tx, order, invalid.error_code, invalid.message)
             self._announce(order, outcome)
             raise
+        fees = self._fees_before_lock()
         with self._locked() as tx:
             recorded = ledger.find_transfer(tx, order.unique_id)
-            started = recorded or self._start(tx, order, transfer, first_delivery)
+            started = recorded or self._start(tx, order, transfer, first_delivery, fees)
         if isinstance(started, Outcome):
             return self._announce(order, started)
-        return self._announce(order, self._settle(order, started, first_delivery))
+        return self._announce(order, self._settle(order, started, first_delivery, fresh=recorded is None))
 
     # ------------------------------------------------------------------ a new transfer
 
+    def _fees_before_lock(self) -> Fees | Exception:
+        """The fee caps, asked before the wallet lock is taken (a price needs no lock), so that every
+        delivery holds the lock that serialises the wallet's payouts for one node round trip less.
+        A failure is returned, to be handled under the lock like any node failure before signing."""
+        try:
+            return self.wallet.fees()
+        except errors.TelePayError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified under the lock (_sign)
+            return exc
+
     def _start(self, tx: Transaction, order: Order, transfer: Transfer,
-               first_delivery: bool) -> RecordedTransfer | Outcome:
+               first_delivery: bool, fees: Fees | Exception | None = None) -> RecordedTransfer | Outcome:
         """Sign and record a new transfer (committed by the caller before it is broadcast)."""
         if ledger.under_review(tx, order.unique_id):
             return Outcome({"status": FAILED, "message": "payout awaits review in failed_transactions; not sent",
@@ -144,17 +156,22 @@ class PaymentExecutor:
             return self._give_up(tx, order, order.last_error_code or "ATTEMPT_LIMIT_EXCEEDED",
                                  f"attempt {order.attempt} exceeds the limit of {self.settings.max_attempts}")
         try:
-            signed = self._sign(tx, transfer)
+            signed = self._sign(tx, transfer, fees)
         except _Blocked as blocked:
             return self._blocked(tx, order, blocked, first_delivery)
         except _NodeFailure as failure:
             return self._failed_before_broadcast(tx, order, failure.__cause__)
         return ledger.record_transfer(tx, order, transfer, signed, self.wallet.address)
 
-    def _sign(self, tx: Transaction, transfer: Transfer) -> SignedTransfer:
-        """Check the balances, allocate the nonce and sign; the node is asked, never trusted with the key."""
+    def _sign(self, tx: Transaction, transfer: Transfer, fees: Fees | Exception | None = None) -> SignedTransfer:
+        """Check the balances, allocate the nonce and sign; the node is asked, never trusted with the key.
+
+        fees: the caps asked before the lock (or how asking failed); None to ask now.
+        """
+        if isinstance(fees, Exception):
+            raise _NodeFailure() from fees
         chain_id = self._node(self.wallet.chain_id)
-        fees = self._node(self.wallet.fees)
+        fees = fees or self._node(self.wallet.fees)
         contract = transfer.asset.contract
         if contract:
             decimals = self._node(self.wallet.token_decimals, contract)
@@ -166,11 +183,11 @@ class PaymentExecutor:
             if held < transfer.units:
                 raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {held} base units of "
                                f"{transfer.asset.symbol}, the payout needs {transfer.units}")
-        needed, held_wei = rules.eth_needed(transfer, fees), self._node(self.wallet.eth_balance)
+        needed = rules.eth_needed(transfer, fees)
+        held_wei, chain_nonce = self._node(self.wallet.balance_and_nonce)
         if held_wei < needed:
             raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {held_wei} wei, the payout needs {needed} "
                            "(value and gas)")
-        chain_nonce = self._node(self.wallet.pending_nonce)
         self._resend_unsent(tx, chain_nonce)
         nonce = rules.next_nonce(chain_nonce, ledger.highest_nonce(tx, self.wallet.address))
         return self._node(self.wallet.sign, transfer, nonce=nonce, fees=fees, chain_id=chain_id)
@@ -188,8 +205,11 @@ class PaymentExecutor:
                     log.warning("rebroadcast recorded transfer %s (nonce %s) that the node did not have",
                                 recorded.unique_id, recorded.nonce)
             except Exception as exc:  # noqa: BLE001 - its own settlement reports it; the new transfer proceeds
-                log.error("recorded transfer %s (nonce %s) could not be rebroadcast: %s", recorded.unique_id,
-                          recorded.nonce, self.redact(str(exc))[:300])
+                # "Nonce used": mostly its own delivery broadcast it in between (it was mined); if another
+                # transaction took the nonce, that delivery's settlement records it for review.
+                level = logging.INFO if rules.nonce_already_used(exc) else logging.ERROR
+                log.log(level, "recorded transfer %s (nonce %s) could not be rebroadcast: %s", recorded.unique_id,
+                        recorded.nonce, self.redact(str(exc))[:300])
 
     def _blocked(self, tx: Transaction, order: Order, blocked: _Blocked, first_delivery: bool) -> Outcome:
         """503 while a top-up (or a fix) can still let a redelivery pay; recorded for review once the token runs out."""
@@ -219,8 +239,8 @@ class PaymentExecutor:
 
     # ------------------------------------------------------------------ a recorded transfer
 
-    def _settle(self, order: Order, recorded: RecordedTransfer, first_delivery: bool) -> Outcome:
-        """Bring a recorded transfer to its end without ever signing another one."""
+    def _settle(self, order: Order, recorded: RecordedTransfer, first_delivery: bool, fresh: bool = False) -> Outcome:
+        """Bring a recorded transfer to its end without ever signing another one (fresh: signed by this delivery)."""
         if recorded.is_complete or recorded.tx_status == ledger.SUCCESS:
             return self._completed(order, recorded.tx_hash, recorded.gas_used or 0, recorded.block_number or 0,
                                    already=True)
@@ -233,7 +253,7 @@ class PaymentExecutor:
                 return self._give_up(tx, order, "UNKNOWN_TRANSFER_STATE",
                                      "split_payout_hostpay has an unfinished row without tx_hash; not sent")
         try:
-            receipt = self._confirmation(recorded)
+            receipt = self._confirmation(recorded, fresh)
         except _NonceConsumed as consumed:
             with self._locked() as tx:
                 ledger.mark_failed(tx, recorded.unique_id)
@@ -253,12 +273,18 @@ class PaymentExecutor:
             ledger.mark_recovered(tx, recorded.unique_id, recorded.tx_hash)
         return self._completed(order, recorded.tx_hash, receipt.gas_used, receipt.block_number)
 
-    def _confirmation(self, recorded: RecordedTransfer) -> Receipt | None:
-        """The receipt, after making sure the node has the recorded bytes and waiting a few seconds."""
-        receipt = self.wallet.receipt(recorded.tx_hash)
+    def _confirmation(self, recorded: RecordedTransfer, fresh: bool = False) -> Receipt | None:
+        """The receipt, after making sure the node has the recorded bytes and waiting a few seconds.
+
+        A fresh transfer (signed by this very delivery) was never broadcast: asking the node for its
+        receipt and whether it has it can only answer no, so it is broadcast at once. Should another
+        delivery have broadcast it meanwhile, the node answers "already known" or, once it is mined,
+        "nonce too low", which are handled as for any recorded transfer.
+        """
+        receipt = None if fresh else self.wallet.receipt(recorded.tx_hash)
         if receipt is not None:
             return receipt
-        if recorded.signed_tx and not self.wallet.knows(recorded.tx_hash):
+        if recorded.signed_tx and (fresh or not self.wallet.knows(recorded.tx_hash)):
             try:
                 self.wallet.broadcast(recorded.signed_tx)
             except Exception as exc:

@@ -1,19 +1,24 @@
 """The host wallet: the only code that holds the private key, signs, and talks to the Ethereum node (web3 v8).
 
 Signing is local (eth-account); the node only sees signed bytes. Nothing here decides anything:
-node failures surface as web3/requests exceptions for rules.classify to name.
+node failures surface as web3/requests exceptions for rules.classify to name. What cannot change
+while the process runs is asked of the node once: the chain id, each token's decimals.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from eth_account import Account
+from eth_keys import backends as ecc_backends
+from eth_keys import keys
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TransactionNotFound, Web3TypeError
+from web3.types import RPCEndpoint
 
 from telepay_shared import errors
 
@@ -77,7 +82,9 @@ class Wallet:
 
     def __init__(self, w3: Web3, private_key: str, address: str):
         try:
-            account = Account.from_key(private_key)
+            # The signing backend is chosen once: eth_keys otherwise looks for coincurve again at every
+            # signature, a failed import that costs about as much as the signature when it is absent.
+            account = Account.from_key(keys.PrivateKey(HexBytes(private_key), backend=ecc_backends.get_backend()))
         except Exception:  # the message could quote the key
             raise errors.ConfigError("HOST_WALLET_PRIVATE_KEY is not a valid private key") from None
         if account.address.lower() != address.strip().lower():
@@ -85,13 +92,20 @@ class Wallet:
         self._account = account
         self.address = account.address
         self.w3 = w3
+        self._chain_id: int | None = None
+        self._decimals: dict[str, int] = {}
+        self._tokens: dict[str, Any] = {}
+        self._batches = True  # until the provider says it has no JSON-RPC batches
 
     @classmethod
     def from_config(cls, config, w3: Web3 | None = None) -> Wallet:
         """The wallet the configuration names, on ETHEREUM_RPC_URL unless a web3 instance is given."""
         if w3 is None:
+            # web3 checks the chain id of every eth_call against the node's: two eth_chainId round
+            # trips per ERC-20 balance or decimals read unless that answer (and only it) is kept.
             provider = Web3.HTTPProvider(config.ETHEREUM_RPC_URL.reveal(),
-                                         request_kwargs={"timeout": float(config.ETHEREUM_RPC_TIMEOUT_S)})
+                                         request_kwargs={"timeout": float(config.ETHEREUM_RPC_TIMEOUT_S)},
+                                         cache_allowed_requests=True, cacheable_requests={RPCEndpoint("eth_chainId")})
             w3 = Web3(provider)
         return cls(w3, config.HOST_WALLET_PRIVATE_KEY.reveal(), config.HOST_WALLET_ETH_ADDRESS)
 
@@ -101,8 +115,10 @@ class Wallet:
     # ------------------------------------------------------------------ reading the chain
 
     def chain_id(self) -> int:
-        """The chain id the node serves (never assumed to be mainnet's 1)."""
-        return self.w3.eth.chain_id
+        """The chain id the node serves (never assumed to be mainnet's 1), asked once: a node never changes it."""
+        if self._chain_id is None:
+            self._chain_id = self.w3.eth.chain_id
+        return self._chain_id
 
     def pending_nonce(self) -> int:
         """The node's next nonce for the wallet, counting transactions in its pool."""
@@ -112,13 +128,31 @@ class Wallet:
         """Wei the wallet holds."""
         return self.w3.eth.get_balance(self.address, "pending")
 
+    def balance_and_nonce(self) -> tuple[int, int]:
+        """eth_balance() and pending_nonce() in one JSON-RPC batch: one round trip, not two, while the
+        wallet lock is held. A provider without batches (web3's in-process tester) is asked twice."""
+        if self._batches:
+            try:
+                with self.w3.batch_requests() as batch:
+                    batch.add(self.w3.eth.get_balance(self.address, "pending"))
+                    batch.add(self.w3.eth.get_transaction_count(self.address, "pending"))
+                    balance, nonce = batch.execute()
+                return int(balance), int(nonce)
+            except Web3TypeError as unsupported:
+                if "not supported" not in str(unsupported):
+                    raise
+                self._batches = False
+        return self.eth_balance(), self.pending_nonce()
+
     def token_balance(self, contract: str) -> int:
         """Base units of an ERC-20 the wallet holds."""
         return self._token(contract).functions.balanceOf(self.address).call()
 
     def token_decimals(self, contract: str) -> int:
-        """The decimals an ERC-20 contract reports."""
-        return self._token(contract).functions.decimals().call()
+        """The decimals an ERC-20 contract reports, asked once per contract (a deployed token's decimals are fixed)."""
+        if contract not in self._decimals:
+            self._decimals[contract] = self._token(contract).functions.decimals().call()
+        return self._decimals[contract]
 
     def fees(self) -> Fees:
         """EIP-1559 caps from the latest fee history, else from the gas price (spec §7.5)."""
@@ -182,5 +216,7 @@ class Wallet:
                 raise
 
     def _token(self, contract: str):
-        """A web3 contract object for an ERC-20."""
-        return self.w3.eth.contract(address=contract, abi=ERC20_ABI)
+        """A web3 contract object for an ERC-20, built once per contract (web3 parses the ABI for each)."""
+        if contract not in self._tokens:
+            self._tokens[contract] = self.w3.eth.contract(address=contract, abi=ERC20_ABI)
+        return self._tokens[contract]

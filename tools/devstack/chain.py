@@ -4,13 +4,15 @@ Every state-changing call is appended to a journal before it is answered; a clea
 snapshot of the chain database and empties the journal; a start restores the snapshot, then
 replays the journal (what a crash left). The host key and the token contracts are kept, so
 addresses never change. Additions to eth-tester: transactions are found through py-evm's hash
-index (eth-tester scans every block); for the ChangeNOW stand-in's deposit watcher,
+index (eth-tester scans every block), and each signature is recovered once (`_recover_once`); for
+the ChangeNOW stand-in's deposit watcher,
 `devstack_waitForBlock` answers as soon as a new block is mined (no polling, no delay) and
 `devstack_transfers` hands over the transfers of a block range without eth-tester's costly formatting.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import pickle
@@ -23,6 +25,8 @@ from eth.db.atomic import AtomicDB
 from eth.db.backends.memory import MemoryDB
 from eth.exceptions import TransactionNotFound as NotIndexed
 from eth_account import Account
+from eth_keys import backends as ecc_backends
+from eth_keys.datatypes import Signature
 from eth_tester.backends.pyevm import main as pyevm_backend
 from eth_tester.exceptions import TransactionNotFound
 
@@ -36,6 +40,7 @@ TRANSFER_EVENT = 0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b
 TRANSFERS_METHOD = "devstack_transfers"  # [first, last] -> the transfers mined in those blocks
 WAIT_METHOD = "devstack_waitForBlock"  # [after, timeout_s] -> the head, once past `after` (a long poll)
 MAX_WAIT_S = 30.0
+RECOVERED_KEYS_KEPT = 1 << 16  # senders of the most recent transactions, each recovered once (~5 ms apiece)
 
 log = logging.getLogger("devstack.chain")
 
@@ -63,6 +68,39 @@ def _index_transaction_lookups() -> None:
     pyevm_backend._get_transaction_by_hash = lookup
 
 
+def decide_ecc_backend_once() -> None:
+    """Ask once per process whether coincurve is installed, not at every signature and recovery.
+
+    eth_keys asks afresh each time; without coincurve (none is built for CPython 3.14) the answer is
+    a failed import that searches the whole, long import path: ~2 ms per signature, more than the
+    pure-Python signature itself costs in some calls. Whether a module is installed cannot change
+    while the process runs.
+    """
+    if not hasattr(ecc_backends.is_coincurve_available, "cache_info"):
+        ecc_backends.is_coincurve_available = functools.cache(ecc_backends.is_coincurve_available)
+
+
+def _recover_once() -> None:
+    """Recover each signature's public key once: eth-tester formats every receipt and transaction it
+    answers with its sender, recovered again from the signature each time (~5 ms of pure-Python
+    elliptic-curve arithmetic), and GCHostPay3 polls receipts. Recovery is a pure function of the
+    signature and the signed hash, so a remembered answer is the same answer.
+    """
+    recover = Signature.recover_public_key_from_msg_hash
+    if hasattr(recover, "cache_info"):
+        return
+
+    @functools.lru_cache(maxsize=RECOVERED_KEYS_KEPT)
+    def recovered(signature: bytes, message_hash: bytes):
+        return recover(Signature(signature), message_hash)
+
+    def recover_public_key_from_msg_hash(self: Signature, message_hash: bytes):
+        return recovered(self.to_bytes(), bytes(message_hash))
+
+    recover_public_key_from_msg_hash.cache_info = recovered.cache_info
+    Signature.recover_public_key_from_msg_hash = recover_public_key_from_msg_hash
+
+
 class DurableChain(LocalChain):
     """A LocalChain restored from, and saved to, a folder (module docstring)."""
 
@@ -87,6 +125,7 @@ class DurableChain(LocalChain):
         self.journal = open(folder / "journal.jsonl", "a", encoding="utf-8")
         self.mined = threading.Condition()  # notified whenever a journaled call may have mined a block
         self.head = self._head()
+        self._transaction_builder = self.tester.backend.chain.get_vm().get_transaction_builder()
         self.calls: dict[str, list] = {}  # method -> [count, seconds]: where the chain's time goes
 
     def _replay_journal(self) -> None:
@@ -104,6 +143,8 @@ class DurableChain(LocalChain):
         """Answer a call; a state change is journaled before the answer leaves."""
         if method == WAIT_METHOD:
             return self.wait_for_block(*params)
+        if method == "eth_sendRawTransaction" and params:
+            self._recover_sender_early(params[0])
         with self.lock:
             started = time.perf_counter()
             result = self.transfers(*params) if method == TRANSFERS_METHOD else super().rpc(method, params)
@@ -116,6 +157,19 @@ class DurableChain(LocalChain):
                     self.head = self._head()
                     self.mined.notify_all()
             return result
+
+    def _recover_sender_early(self, raw: str) -> None:
+        """Recover a raw transaction's sender before the chain lock is taken (_recover_once remembers it).
+
+        The chain answers one call at a time; the recovery is most of what validating a transaction
+        costs and needs no chain state, so done here it no longer holds up every other caller. The
+        decoder is the chain's own (its one fork, Prague, never changes). A malformed transaction is
+        left for the chain to refuse, under the lock, as it always did.
+        """
+        try:
+            self._transaction_builder.decode(bytes.fromhex(raw.removeprefix("0x"))).sender
+        except Exception:  # noqa: BLE001 - refused, with the node's own message, by the chain itself
+            pass
 
     def _head(self) -> int:
         """The number of the latest mined block."""
@@ -161,6 +215,8 @@ def serve_chain(args: argparse.Namespace) -> None:
     folder = Path(args.state)
     folder.mkdir(parents=True, exist_ok=True)
     _index_transaction_lookups()
+    decide_ecc_backend_once()
+    _recover_once()
     chain = DurableChain(folder)
     server = chain.serve_json_rpc(args.port)
     write_atomically(folder / "info.json", json.dumps({

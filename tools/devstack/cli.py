@@ -1,6 +1,6 @@
 """tools/dev's command line (run inside the build environment by tools/dev; see tools/dev for the commands).
 
-    up | down | status | pay | follow PAYMENT_ID... | trigger JOB | restart SERVICE | stop SERVICE | logs PART
+    up | down | status | pay | follow PAYMENT_ID... | trigger JOB | restart SERVICE | stop SERVICE | logs PART | soak
 
 The workspace comes from TELEPAY_DEV_WORKSPACE (tools/dev sets it); the stack folder from
 TELEPAY_DEV_DIR (default <workspace>/.dev); every other knob from TELEPAY_DEV_* (stack.Settings).
@@ -140,6 +140,13 @@ def logs(stack: Stack, args) -> int:
     return 0
 
 
+def soak(stack: Stack, args) -> int:
+    """The fault-injection soak (soak.py): exit 1 on any invariant violation."""
+    from tools.devstack import soak as soaking
+
+    return soaking.main_command(stack, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command and run it."""
     parser = argparse.ArgumentParser(prog="tools/dev", description="the local TelePay stack")
@@ -165,10 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     logging = commands.add_parser("logs", help="the end of a part's log")
     logging.add_argument("part")
     logging.add_argument("-n", "--lines", type=int, default=40)
+    soaking = commands.add_parser("soak", help="payments under injected faults, then the invariants (soak.py)")
+    soaking.add_argument("--payments", type=int, default=1000)
+    soaking.add_argument("--seed", type=int, default=1)
+    soaking.add_argument("--threshold-share", type=float, default=0.2, help="share of threshold payments")
+    soaking.add_argument("--rate", type=float, default=4.0, help="payments notified per second")
+    soaking.add_argument("--settle-timeout", type=float, default=600.0, help="seconds to wait for quiescence")
+    soaking.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     stack = make_stack()
     actions = {"up": lambda s, a: s.up() or 0, "down": lambda s, a: s.down() or 0, "status": show_status, "pay": pay,
-               "follow": follow, "trigger": trigger, "restart": restart, "stop": stop, "logs": logs}
+               "follow": follow, "trigger": trigger, "restart": restart, "stop": stop, "logs": logs,
+               "soak": soak}
     try:
         return actions[args.command](stack, args)
     except (StackError, ValueError) as exc:

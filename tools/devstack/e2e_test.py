@@ -7,11 +7,13 @@ they moved on the chain.
 """
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
 import tempfile
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,9 +21,12 @@ import pytest
 import requests
 from web3 import Web3
 
+from telepay_shared import hops, tokens
 from telepay_shared.db import Database
 from telepay_shared.testing.evm import token_artefact
-from tools.devstack import pipeline
+from telepay_shared.testing.oidc import OidcIssuer
+from tools.devstack import pipeline, wiring
+from tools.devstack.logscan import find_secrets, stack_secrets
 from tools.devstack.stack import PORT_OFFSETS, Settings, Stack
 
 RUNFILES_MAIN = Path(__file__).parent.parent.parent  # <runfiles>/_main: the services, built and declared
@@ -57,6 +62,9 @@ def stack():
     try:
         local.up()
         yield local
+        local.down()
+        # Every line every part wrote, shutdown included: no secret the stack gave out is in any of them.
+        assert find_secrets(local.path("logs"), stack_secrets(local)) == []
     finally:
         local.down()
         shutil.rmtree(folder, ignore_errors=True)
@@ -304,6 +312,65 @@ def follow_until(stack, database, hop_name: str, amount_usd: str) -> pipeline.Pa
                            timeout_s=FLOW_TIMEOUT_S)[0]
     assert hop_name in payment.reached, payment.next_hop()
     return payment
+
+
+def execute_payment_token(stack, unique_id: str) -> str:
+    """A fresh, correctly signed T12 (GCHostPay1 -> GCHostPay3): the order to send ETH from the host wallet."""
+    fields = {"unique_id": unique_id, "cn_api_id": "e2e" + unique_id.lower(), "from_currency": "eth",
+              "from_network": "eth", "from_amount": 0.001, "context": "instant",
+              "payin_address": "0x" + secrets.token_hex(20)}
+    return tokens.encode(hops.EXECUTE_PAYMENT, fields, {hops.SUCCESS_KEY: stack.secrets[hops.SUCCESS_KEY]})
+
+
+def deliver_as_cloud_tasks(url: str, body: dict, authorization: str | None) -> requests.Response:
+    """POST a task body with Cloud Tasks' headers, and its Authorization header only when given."""
+    headers = {"Content-Type": "application/json", "X-CloudTasks-QueueName": "gchostpay3-payment-exec-queue",
+               "X-CloudTasks-TaskName": secrets.token_hex(32), "X-CloudTasks-TaskRetryCount": "0"}
+    if authorization:
+        headers["Authorization"] = authorization
+    return requests.post(url, json=body, headers=headers, timeout=30)
+
+
+def test_a_task_without_a_valid_oidc_token_is_refused_and_moves_nothing(stack, database, chain):
+    """GCHostPay3 runs TP_AUTH_MODE=oidc as deployed: a validly signed T12 without the Cloud Tasks identity
+    token, or with one for another audience, another caller, or from another key, is refused 401; no transfer."""
+    assert stack.service_environment("gchostpay3")["TP_AUTH_MODE"] == "oidc"
+    issuer = OidcIssuer.from_pem(stack.secrets[wiring.OIDC_KEY_NAME])
+    origin, email = stack.url("gchostpay3"), wiring.TASKS_SERVICE_ACCOUNT
+    nonce_before, host_before = chain.nonce(), chain.eth(chain.host)
+    unique_id = "E2E" + secrets.token_hex(7).upper()[:13]
+    body = {"token": execute_payment_token(stack, unique_id)}
+    refused = {
+        "no token": None,
+        "wrong audience": "Bearer " + issuer.mint(stack.url("gchostpay1"), email),
+        "wrong caller": "Bearer " + issuer.mint(origin, "intruder@elsewhere.iam.gserviceaccount.com"),
+        "another key": "Bearer " + OidcIssuer().mint(origin, email),
+        "expired": "Bearer " + issuer.mint(origin, email, now=time.time() - 7200),
+    }
+    answers = {case: deliver_as_cloud_tasks(origin + "/", body, authorization) for case, authorization in refused.items()}
+    assert {case: (a.status_code, a.json()["error"]) for case, a in answers.items()} == {
+        case: (401, "unauthorized") for case in refused}
+    time.sleep(1.0)  # a wrongly accepted order would be signed and broadcast by now
+    with database.transaction() as tx:
+        assert tx.fetchall("SELECT unique_id FROM split_payout_hostpay WHERE unique_id = %s", (unique_id,)) == []
+    assert (chain.nonce(), chain.eth(chain.host)) == (nonce_before, host_before)
+
+
+def test_scheduler_jobs_authenticate_by_oidc_token_alone(stack):
+    """GCBatchProcessor's /process (oidc_or_hmac): Cloud Scheduler's ID token suffices; a token for another
+    audience, without the body's HMAC, is refused."""
+    url = pipeline.SCHEDULER_JOBS["batch"](pipeline.Endpoints.of(stack))
+    token_only = {k: v for k, v in pipeline.scheduler_headers(url, stack.secrets).items() if k == "Authorization"}
+    assert requests.post(url, data=b"", headers=token_only, timeout=60).status_code == 200
+    issuer = OidcIssuer.from_pem(stack.secrets[wiring.OIDC_KEY_NAME])
+    elsewhere = {"Authorization": "Bearer " + issuer.mint(stack.url("gcsplit1"), wiring.TASKS_SERVICE_ACCOUNT)}
+    answer = requests.post(url, data=b"", headers=elsewhere, timeout=60)
+    assert (answer.status_code, answer.json()["error"]) == (401, "unauthorized")
+
+
+def test_no_secret_in_any_log_so_far(stack):
+    """The parts' logs after every flow above (the stack fixture scans them again once it is down)."""
+    assert find_secrets(stack.path("logs"), stack_secrets(stack)) == []
 
 
 if __name__ == "__main__":

@@ -11,29 +11,111 @@ flight, and a failed delivery is retried after RETRY_AFTER_S (the emulator's own
 A task stays in the queue's list while it is being delivered and leaves it only once answered 2xx
 (or given up on), so ListTasks, and with it `tools/dev down`, also sees tasks in flight: a task
 saved while in flight may be delivered twice, as Cloud Tasks may deliver any task twice, never lost.
+
+Duplicate deliveries (the soak's fault, tools/devstack/faults.py): Cloud Tasks delivers at least
+once, so a handler may see the same task twice, even at the same time. While the control file
+run/tasks-faults.json of the stack folder (every part runs in it) says {"duplicate_share": S,
+"seed": N}, each task dispatched is, with probability S, delivered once more: either at the same
+moment as its first delivery, or again shortly after that delivery was answered 2xx (the answer
+"lost"). A duplicate's answer is ignored, as Cloud Tasks ignores it; what was done is counted in
+run/tasks-faults-stats.json.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 from urllib import error
 
 RETRY_AFTER_S = 0.1
+# Relative to the part's working directory: the stack starts every part in its folder (stack.py).
+FAULTS_FILE, FAULT_STATS_FILE = Path("run", "tasks-faults.json"), Path("run", "tasks-faults-stats.json")
+CONTROL_EVERY_S = 0.5  # how often the control file is looked at
+LATE_DUPLICATE_S = (0.05, 1.5)  # a duplicate after success comes this long after the 2xx
 
 log = logging.getLogger("devstack.emulator")
+
+
+class Duplicator:
+    """Decides which deliveries Cloud Tasks repeats (module docstring); one per emulator, shared by its queues."""
+
+    def __init__(self, control: Path = FAULTS_FILE, stats: Path = FAULT_STATS_FILE):
+        self.control, self.stats_path = control, stats
+        self.share, self.rng = 0.0, random.Random()
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+        self._seen: tuple | None = None  # (mtime, size) of the control file last read
+        self._looked_at = 0.0
+        self.late: set[str] = set()  # task names to deliver again once answered 2xx
+        self.decided: set[str] = set()  # each task is drawn once, not again on every retry
+
+    def _refresh(self) -> None:
+        """Under the lock: re-read the control file when it changed (at most every CONTROL_EVERY_S)."""
+        if time.monotonic() - self._looked_at < CONTROL_EVERY_S:
+            return
+        self._looked_at = time.monotonic()
+        try:
+            stat = self.control.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen:
+                settings = json.loads(self.control.read_text())
+                self.share = float(settings.get("duplicate_share", 0.0))
+                self.rng = random.Random(settings.get("seed"))
+                self._seen = seen
+        except (OSError, ValueError):
+            self.share, self._seen = 0.0, None
+
+    def choose(self, task_name: str) -> str | None:
+        """'concurrent', 'after_success' or None (deliver once) for a task about to be delivered."""
+        with self._lock:
+            self._refresh()
+            if task_name in self.decided or self.share <= 0:
+                return None
+            self.decided.add(task_name)
+            if self.rng.random() >= self.share:
+                return None
+            mode = self.rng.choice(("concurrent", "after_success"))
+            if mode == "after_success":
+                self.late.add(task_name)
+            return mode
+
+    def take_late(self, task_name: str) -> float | None:
+        """The delay of a duplicate due now that the task was answered 2xx, or None."""
+        with self._lock:
+            if task_name not in self.late:
+                return None
+            self.late.discard(task_name)
+            return self.rng.uniform(*LATE_DUPLICATE_S)
+
+    def count(self, mode: str, status: int) -> None:
+        """Record one duplicate delivery and its answer, in the stats file the soak reads."""
+        with self._lock:
+            self.counts[mode] += 1
+            self.counts[f"answer_{status}"] += 1
+            data = json.dumps(dict(self.counts)).encode()
+        try:
+            partial = self.stats_path.with_name(self.stats_path.name + f".{threading.get_ident()}")
+            partial.write_bytes(data)
+            os.replace(partial, self.stats_path)
+        except OSError as exc:  # the stack folder is gone: nothing to report to
+            log.info("duplicate stats not written: %s", exc)
 
 
 class QueueDispatcher:
     """Delivers one queue's due tasks, at most `concurrency` at once."""
 
     def __init__(self, server_module, state, queue: str, concurrency: int, lock: threading.Lock,
-                 wake: threading.Event):
+                 wake: threading.Event, duplicator: Duplicator | None = None):
         self.server, self.state, self.queue = server_module, state, queue
         self.lock, self.wake = lock, wake  # lock: the emulator's queue lists; wake: set by new tasks
+        self.duplicator = duplicator or Duplicator(Path(os.devnull), Path(os.devnull))
         self.concurrency = concurrency
         self.free = threading.BoundedSemaphore(concurrency)
         self.in_flight: set[str] = set()
@@ -56,6 +138,8 @@ class QueueDispatcher:
                 return
             self.in_flight.add(task.name)
             pool.submit(self._deliver, task)
+            if self.duplicator.choose(task.name) == "concurrent":
+                self._duplicate(task, "concurrent", 0.0)
 
     def _due(self) -> list:
         """Tasks whose schedule time has come, not in flight, not waiting to be retried."""
@@ -75,6 +159,9 @@ class QueueDispatcher:
             with self.lock:
                 self.in_flight.discard(task.name)
                 self._forget_or_retry(task, retry)
+            delay = None if retry or not 200 <= status < 300 else self.duplicator.take_late(task.name)
+            if delay is not None:
+                self._duplicate(task, "after_success", delay)
         finally:
             self.free.release()
             self.wake.set()
@@ -89,6 +176,14 @@ class QueueDispatcher:
         position = next((i for i, queued in enumerate(tasks) if queued is task), None)
         if position is not None:
             del tasks[position]
+
+    def _duplicate(self, task, mode: str, delay_s: float) -> None:
+        """Deliver the task once more, outside the queue's slots, after delay_s; its answer is only counted."""
+        def deliver_again():
+            time.sleep(delay_s)
+            self.duplicator.count(mode, self._answer_status(task))
+
+        threading.Thread(target=deliver_again, name=f"duplicate-{mode}", daemon=True).start()
 
     def _answer_status(self, task) -> int:
         """The HTTP status of one delivery; 500 when the target cannot be reached (as the emulator counts it)."""
@@ -107,6 +202,7 @@ def dispatch_concurrently(server_module, concurrency: int) -> None:
     """Patch gcloud_tasks_emulator.server: new tasks dispatched at once, up to `concurrency` per queue."""
     lock = threading.Lock()
     wakes: dict[str, threading.Event] = defaultdict(threading.Event)
+    duplicator = Duplicator()
     create_task = server_module.QueueState.create_task
 
     def create_and_wake(self, queue: str, task):
@@ -115,7 +211,7 @@ def dispatch_concurrently(server_module, concurrency: int) -> None:
         return created
 
     def process_queue(self, queue: str) -> None:
-        dispatcher = QueueDispatcher(server_module, self._state, queue, concurrency, lock, wakes[queue])
+        dispatcher = QueueDispatcher(server_module, self._state, queue, concurrency, lock, wakes[queue], duplicator)
         dispatcher.run(lambda: self._is_running.is_set() and queue in self._state._queues)
 
     server_module.QueueState.create_task = create_and_wake

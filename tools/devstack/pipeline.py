@@ -8,6 +8,7 @@ the row has one (the transfer's updated_at), else the moment a poll first saw it
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -21,6 +22,8 @@ from typing import Callable
 import requests
 
 from telepay_shared import hops, tokens
+from telepay_shared.cloudtasks import audience_for
+from tools.devstack import wiring
 
 ETH_STEP = Decimal("0.00000001")
 SCHEDULER_EVERY_S = 1.0  # how often a waiting payment makes the stack run a scheduler job
@@ -114,10 +117,27 @@ def send_ipn(endpoints: Endpoints, body: dict) -> requests.Response:
                          headers={"Content-Type": "application/json", "x-nowpayments-sig": signed["signature"]})
 
 
+@functools.lru_cache(maxsize=4)
+def _issuer(private_pem: str):
+    """The stack's ID-token issuer for its key (read once: loading an RSA key takes a while)."""
+    from telepay_shared.testing.oidc import OidcIssuer
+
+    return OidcIssuer.from_pem(private_pem)
+
+
+def scheduler_headers(url: str, keys: dict[str, str]) -> dict[str, str]:
+    """What the local Cloud Scheduler sends with an empty body: the job's OIDC token for the target's origin
+    (the audience the job is configured with), when the stack has its issuer key, and the body's HMAC."""
+    headers = {"X-Webhook-Signature": hmac.new(keys[hops.SUCCESS_KEY].encode(), b"", hashlib.sha256).hexdigest()}
+    if keys.get(wiring.OIDC_KEY_NAME):
+        token = _issuer(keys[wiring.OIDC_KEY_NAME]).mint(audience_for(url), wiring.TASKS_SERVICE_ACCOUNT)
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
 def run_scheduler_job(url: str, keys: dict[str, str]) -> dict:
-    """Call a scheduler endpoint as the local stack's Cloud Scheduler: empty body, HMAC in X-Webhook-Signature."""
-    signature = hmac.new(keys[hops.SUCCESS_KEY].encode(), b"", hashlib.sha256).hexdigest()
-    answer = requests.post(url, data=b"", headers={"X-Webhook-Signature": signature}, timeout=60)
+    """Call a scheduler endpoint as the local stack's Cloud Scheduler: empty body, OIDC token and HMAC."""
+    answer = requests.post(url, data=b"", headers=scheduler_headers(url, keys), timeout=60)
     try:
         return {"http_status": answer.status_code, **answer.json()}
     except ValueError:

@@ -15,7 +15,7 @@ import threading
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
-from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
+from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD, decide_ecc_backend_once
 from tools.devstack.persist import SavedState, wait_for_termination
 
 LOOPBACK = "127.0.0.1"
@@ -156,6 +156,7 @@ def serve_changenow(args: argparse.Namespace) -> None:
     """Serve the ChangeNOW stand-in and settle its exchanges from the chain."""
     from telepay_shared.standins.changenow import ChangeNowStandIn
 
+    decide_ecc_backend_once()  # the watcher signs every payout
     standin = ChangeNowStandIn(api_key=args.api_key, host=LOOPBACK, port=args.port)
     chain_info = json.loads(Path(args.chain_info).read_text())
     state = SavedState(Path(args.state), lambda: {"exchanges": standin.exchanges, "next_block": settlement.next_block},

@@ -8,8 +8,13 @@ declared name gets its local value, under the same name production uses:
   shared test plugin does), on the Cloud Tasks emulator;
 * secrets and other values: from the stack (keys generated once per stack folder, the database,
   the emulator, the stand-ins, the chain's host wallet and token contracts);
-* TP_AUTH_MODE: OIDC needs Google-signed tokens that the local Cloud Tasks does not mint yet, and
-  Cloud Tasks hops carry no HMAC, so both "oidc" and "oidc_or_hmac" become "none" for now;
+* TP_AUTH_MODE as deployed: the declared mode, except "none", which production only runs behind
+  Cloud Run IAM (the front end checks the Cloud Tasks OIDC token); locally nothing stands in front,
+  so the service checks that token itself: "oidc" (AUTH_MODES_AS_DEPLOYED). The stack's Cloud Tasks
+  and Cloud Scheduler attach Google-format ID tokens signed by the stack's own issuer (world.py
+  `oidc`), so TP_OIDC_AUDIENCES is the service's own origin (what cloudtasks.audience_for gives
+  its senders), TP_OIDC_ALLOWED_EMAILS and CLOUD_TASKS_OIDC_SERVICE_ACCOUNT the stack's tasks
+  service account, and TP_OIDC_CERTS_URL the issuer's certs endpoint (stack.local_values);
 * DEV_DEFAULTS: delays shortened so that flows finish in seconds (production waits minutes).
 An operator overrides any name with TELEPAY_DEV_SET_<NAME>=value (applies to every service
 declaring it). A required name with no local value stops `up` with the list of what is missing.
@@ -22,6 +27,9 @@ from typing import Mapping
 
 LOOPBACK = "127.0.0.1"
 OVERRIDE_PREFIX = "TELEPAY_DEV_SET_"
+# The account the stack's Cloud Tasks and Cloud Scheduler mint ID tokens for, and the one services allow.
+TASKS_SERVICE_ACCOUNT = "telepay-tasks@telepay-dev.iam.gserviceaccount.com"
+OIDC_KEY_NAME = "OIDC_SIGNING_KEY"  # in secrets.json: the PEM of the stack's stand-in for Google's signing key
 
 # Declared target URL -> (service, path). A legacy name is either a service's base URL (the
 # caller appends its path) or the full URL of one endpoint; a base URL also serves as the full
@@ -49,7 +57,7 @@ DEV_DEFAULTS = {
     "HOSTPAY3_RETRY_DELAY_S": "2",
 }
 
-_OIDC_FREE_MODES = {"oidc": "none", "oidc_or_hmac": "none"}
+AUTH_MODES_AS_DEPLOYED = {"none": "oidc"}
 
 
 def load_declaration(path: Path) -> dict:
@@ -91,7 +99,7 @@ def _local_value(name: str, spec: dict, section: str, values: Mapping[str, str],
     if section == "targets":
         return target_url(name, service_ports)
     if name == "TP_AUTH_MODE":
-        return _OIDC_FREE_MODES.get(spec.get("default"), spec.get("default"))
+        return AUTH_MODES_AS_DEPLOYED.get(spec.get("default"), spec.get("default"))
     return values.get(name) or DEV_DEFAULTS.get(name)
 
 
@@ -99,6 +107,7 @@ def service_environment(declaration: dict, port: int, values: Mapping[str, str],
                         overrides: Mapping[str, str]) -> dict[str, str]:
     """The environment one service runs with locally; ValueError lists required names without a value."""
     env: dict[str, str] = {"PORT": str(port)}
+    values = {**values, "TP_OIDC_AUDIENCES": f"http://{LOOPBACK}:{port}"}  # the origin its senders' tokens name
     missing = []
     for section in ("secrets", "env", "targets"):
         for name, spec in _specs(declaration, section).items():

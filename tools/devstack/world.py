@@ -1,16 +1,21 @@
 """The world around the pipeline, for the local stack: one process per part, each durable across restarts.
 
-    python -m tools.devstack.world tasks     --port P [--poll-s S] [--concurrency N]
+    python -m tools.devstack.world tasks     --port P [--poll-s S] [--concurrency N] [--secrets FILE]
     python -m tools.devstack.world chain     --port P --state DIR                              (chain.py)
     python -m tools.devstack.world changenow --port P --state FILE --api-key K --chain-info FILE
                                              [--no-payouts]                                     (settlement.py)
     python -m tools.devstack.world telegram  --port P --state FILE --token T
     python -m tools.devstack.world coingecko --port P
+    python -m tools.devstack.world oidc      --port P --secrets FILE
 
 * tasks: the patched gcloud-tasks-emulator of telepay_shared.testing.tasks_emulator (reused names
   answer ALREADY_EXISTS, like Cloud Tasks), with its gRPC API on 127.0.0.1 only and Cloud Tasks'
   immediate, concurrent dispatch (emulator.py); --poll-s is how often delayed tasks are looked at.
-  It keeps no state: the stack drains it on down.
+  With --secrets (the stack's secrets.json), a task created with an OIDC token is delivered with
+  `Authorization: Bearer <ID token>` signed by the stack's OIDC_SIGNING_KEY, as Cloud Tasks attaches
+  Google's. It keeps no state: the stack drains it on down.
+* oidc: Google's certs endpoint (GET /oauth2/v1/certs: {kid: PEM certificate}) for that key, which
+  the services are given as TP_OIDC_CERTS_URL (telepay_shared.testing.oidc).
 * telegram: the Telegram Bot API stand-in, its sent messages and invite links kept across restarts.
 * coingecko: /api/v3/simple/price at the ChangeNOW stand-in's USD prices, so the USD value
   np-webhook computes matches the swap rates.
@@ -18,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -61,6 +67,10 @@ def serve_tasks(args: argparse.Namespace) -> None:
     from tools.devstack.emulator import dispatch_concurrently
 
     install_cloud_tasks_fidelity(server)
+    if args.secrets:
+        from telepay_shared.testing.tasks_emulator import install_oidc_tokens
+
+        install_oidc_tokens(server, stack_issuer(args.secrets))
     _grpc_on_loopback(server)
     dispatch_concurrently(server, args.concurrency)
     server._LOOP_SLEEP_TIME = args.poll_s
@@ -70,6 +80,22 @@ def serve_tasks(args: argparse.Namespace) -> None:
         wait_for_termination()
     finally:
         emulator.stop()
+
+
+def stack_issuer(secrets_file: str):
+    """The stack's stand-in for Google's ID-token issuer, from its secrets.json."""
+    from telepay_shared.testing.oidc import OidcIssuer
+    from tools.devstack.wiring import OIDC_KEY_NAME
+
+    return OidcIssuer.from_pem(json.loads(Path(secrets_file).read_text())[OIDC_KEY_NAME])
+
+
+def serve_oidc(args: argparse.Namespace) -> None:
+    """Serve the issuer's certificates in Google's format until terminated."""
+    from telepay_shared.testing.oidc import CertsServer
+
+    with CertsServer(stack_issuer(args.secrets), port=args.port):
+        wait_for_termination()
 
 
 # ---------------------------------------------------------------------------- Telegram and CoinGecko
@@ -125,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run one part of the world until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m tools.devstack.world")
     parts = parser.add_subparsers(dest="part", required=True)
-    for name in ("tasks", "chain", "changenow", "telegram", "coingecko"):
+    for name in ("tasks", "chain", "changenow", "telegram", "coingecko", "oidc"):
         part = parts.add_parser(name)
         part.add_argument("--port", type=int, required=True)
     parts.choices["tasks"].add_argument("--poll-s", type=float, default=0.05)
     parts.choices["tasks"].add_argument("--concurrency", type=int, default=10)
+    parts.choices["tasks"].add_argument("--secrets", help="secrets.json holding OIDC_SIGNING_KEY: tasks get ID tokens")
     parts.choices["chain"].add_argument("--state", required=True)
-    required = {"changenow": ("--state", "--api-key", "--chain-info"), "telegram": ("--state", "--token")}
+    required = {"changenow": ("--state", "--api-key", "--chain-info"), "telegram": ("--state", "--token"),
+                "oidc": ("--secrets",)}
     for name, options in required.items():
         for option in options:
             parts.choices[name].add_argument(option, required=True)
@@ -144,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from tools.devstack.settlement import serve_changenow
 
     {"tasks": serve_tasks, "chain": serve_chain, "changenow": serve_changenow, "telegram": serve_telegram,
-     "coingecko": serve_coingecko}[args.part](args)
+     "coingecko": serve_coingecko, "oidc": serve_oidc}[args.part](args)
     return 0
 
 
