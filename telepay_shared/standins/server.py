@@ -7,9 +7,16 @@ import threading
 from typing import Self
 
 from flask import Flask
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from telepay_shared.testing.harness import Harness
+
+
+class _QuietRequestHandler(WSGIRequestHandler):
+    """Logs errors only, not a line per request."""
+
+    def log_request(self, *args, **kwargs) -> None:
+        """Log nothing for a request answered."""
 
 
 class StandInServer(Harness):
@@ -19,6 +26,7 @@ class StandInServer(Harness):
     """
 
     url_path = ""  # what follows host:port in the base URL a client is given (ChangeNOW's is /v2)
+    quiet = False  # True: log no line per request (a stand-in asked often would drown the logs)
     app: Flask
 
     def __init__(self, host: str, port: int, hang_s: float):
@@ -71,7 +79,16 @@ class StandInServer(Harness):
             raise RuntimeError("stand-in is not started")
         return f"http://{self.host}:{self._server.server_port}{self.url_path}"
 
+    @staticmethod
+    def app_on_every_path(name: str, view, methods: tuple[str, ...] = ("GET",)) -> Flask:
+        """A Flask app that answers every path with view(path): for a stand-in that tells paths apart itself."""
+        app = Flask(name)
+        app.add_url_rule("/", "root", view, defaults={"path": ""}, methods=list(methods))
+        app.add_url_rule("/<path:path>", "path", view, methods=list(methods))
+        return app
+
     def _bind(self) -> None:
         """Create the werkzeug server on host:port (port 0 picks a free one)."""
         self._released.clear()
-        self._server = make_server(self.host, self.port, self.app, threaded=True)
+        handler = _QuietRequestHandler if self.quiet else None
+        self._server = make_server(self.host, self.port, self.app, threaded=True, request_handler=handler)

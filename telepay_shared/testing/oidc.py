@@ -17,9 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,9 +25,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from flask import Response
 from google.auth import crypt, jwt
 
-from telepay_shared.testing.harness import Harness
+from telepay_shared.standins.server import StandInServer
 
 GOOGLE_ISSUER = "https://accounts.google.com"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
@@ -125,45 +124,23 @@ class CertsTransport:
         return SimpleNamespace(status=self.status, data=self.body, headers={})
 
 
-class CertsServer(Harness):
+class CertsServer(StandInServer):
     """Serves issuers' certificates over HTTP on 127.0.0.1 at CERTS_PATH, as www.googleapis.com does."""
 
+    url_path = CERTS_PATH  # `url` is the certs URL to give a service as TP_OIDC_CERTS_URL
+    quiet = True  # a line per certificate fetch would drown the logs
+
     def __init__(self, *issuers: OidcIssuer, port: int = 0):
-        self.issuers, self.port = issuers, port
+        super().__init__(LOOPBACK, port, hang_s=0.0)
+        self.issuers = issuers
         self.requests = 0
-        self._server: ThreadingHTTPServer | None = None
+        self._body = certs_body(issuers)
+        self.app = self.app_on_every_path(__name__, self._get_view)
 
-    @property
-    def url(self) -> str:
-        """The certs URL to give a service as TP_OIDC_CERTS_URL."""
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}{CERTS_PATH}"
-
-    def start(self) -> CertsServer:
-        """Start serving in a daemon thread."""
-        body, server = certs_body(self.issuers), self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests += 1
-                found = self.path.split("?", 1)[0] == CERTS_PATH
-                self.send_response(200 if found else 404)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Cache-Control", f"public, max-age={CERTS_MAX_AGE_S}, must-revalidate")
-                self.send_header("Content-Length", str(len(body) if found else 0))
-                self.end_headers()
-                if found:
-                    self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass  # one line per certificate fetch would drown the logs
-
-        self._server = ThreadingHTTPServer((LOOPBACK, self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    def _get_view(self, path: str) -> Response:
+        """The certificates at CERTS_PATH, an empty 404 elsewhere; cacheable, as Google's."""
+        self.requests += 1
+        found = "/" + path == CERTS_PATH
+        return Response(self._body if found else b"", status=200 if found else 404, headers={
+            "Content-Type": "application/json; charset=UTF-8",
+            "Cache-Control": f"public, max-age={CERTS_MAX_AGE_S}, must-revalidate"})
