@@ -648,6 +648,26 @@ def report_requests():
         print(f"  {count:3d}  {name}")
 
 
+def route_world(world, key, auth_mode: str | None = None):
+    """The route under key, a world for its service (declared auth mode by default), the route's valid request."""
+    service, _, path = key
+    route = ROUTES[key]
+    w = world(service, auth_mode)
+    return route, w, route.valid(w, path)
+
+
+def assert_refused(w: World, route: Route, attempts: dict) -> dict:
+    """Send each named (request, extra headers): each answers 401 and changes nothing; the answers by name."""
+    answers = {}
+    for name, (req, headers) in attempts.items():
+        before = w.state()
+        answer = w.send(req, route, extra_headers=headers)
+        assert answer.status_code == 401, (name, answer.get_data()[:300])
+        assert changed(before, w.state()) == [], name
+        answers[name] = answer
+    return answers
+
+
 def refusal_problems(answer, expected: int | None) -> list[str]:
     """Why an answer is not a proper refusal: 4xx (the expected one), JSON naming the error and saying why."""
     problems = []
@@ -676,10 +696,7 @@ def test_every_route_of_every_service_is_swept(world):
 
 @pytest.mark.parametrize("key", list(ROUTES), ids=route_id)
 def test_hostile_requests_are_refused_without_effect(world, key):
-    service, method, path = key
-    route = ROUTES[key]
-    w = world(service)
-    valid = route.valid(w, path)
+    route, w, valid = route_world(world, key)
     variants = hostile_requests(w, route, valid)
     if route.kind == PAGE:
         # No input at all: junk must still change nothing (the answer is the page itself).
@@ -712,10 +729,7 @@ REPLAYED = [key for key, route in ROUTES.items() if route.effect]
 @pytest.mark.parametrize("key", REPLAYED, ids=route_id)
 def test_a_replayed_request_has_no_second_effect(world, key):
     """The second delivery of the same bytes answers 2xx (a Cloud Tasks redelivery) and changes nothing."""
-    service, method, path = key
-    route = ROUTES[key]
-    w = world(service)
-    valid = route.valid(w, path)
+    route, w, valid = route_world(world, key)
     before = w.state()
     first = w.send(valid, route)
     assert 200 <= first.status_code < 300, first.get_data()[:300]
@@ -739,10 +753,8 @@ def test_a_replayed_request_has_no_second_effect(world, key):
 
 @pytest.mark.parametrize("key", AUTHENTICATED, ids=route_id)
 def test_declared_auth_refuses_requests_without_credentials(world, key):
-    service, method, path = key
-    route = ROUTES[key]
-    w = world(service)
-    valid = route.valid(w, path)
+    route, w, valid = route_world(world, key)
+    path = key[2]
     unsigned = replace(valid, signed=False)
     if w.auth_mode == "none" and route.kind != SIGNED_JSON:
         # The token's HMAC is the only credential: strip it, or sign with another key.
@@ -763,21 +775,14 @@ def test_declared_auth_refuses_requests_without_credentials(world, key):
             "wrong HMAC": (unsigned, {SIGNATURE_HEADER: hmac_hex("not-the-signing-key", valid.body or b"")}),
             "garbage Bearer": (unsigned, {"Authorization": "Bearer garbage.garbage.x"}),
         }
-    for name, (req, headers) in attempts.items():
-        before = w.state()
-        answer = w.send(req, route, extra_headers=headers)
-        assert answer.status_code == 401, (name, answer.get_data()[:300])
+    for name, answer in assert_refused(w, route, attempts).items():
         assert refusal_problems(answer, 401) == [], name
-        assert changed(before, w.state()) == [], name
     assert 200 <= w.send(valid, route).status_code < 300  # the same request with its credential passes
 
 
 @pytest.mark.parametrize("key", AUTHENTICATED, ids=route_id)
 def test_oidc_mode_demands_the_callers_identity(world, oidc, key):
-    service, method, path = key
-    route = ROUTES[key]
-    w = world(service, "oidc")
-    valid = route.valid(w, path)
+    route, w, valid = route_world(world, key, "oidc")
     hmac_only = {SIGNATURE_HEADER: hmac_hex(KEYS[hops.SUCCESS_KEY], valid.body or b"")}
     bearers = {
         "garbage bearer": "x.y.z",
@@ -789,11 +794,7 @@ def test_oidc_mode_demands_the_callers_identity(world, oidc, key):
     }
     attempts = {"no bearer": {}, "HMAC instead of a bearer": hmac_only,
                 **{name: {"Authorization": f"Bearer {token}"} for name, token in bearers.items()}}
-    for name, headers in attempts.items():
-        before = w.state()
-        answer = w.send(valid, route, extra_headers=headers)
-        assert answer.status_code == 401, (name, answer.get_data()[:300])
-        assert changed(before, w.state()) == [], name
+    assert_refused(w, route, {name: (valid, headers) for name, headers in attempts.items()})
     answer = w.send(valid, route, extra_headers=w.bearer())
     assert 200 <= answer.status_code < 300, answer.get_data()[:300]
 

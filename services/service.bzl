@@ -10,6 +10,29 @@ load("@rules_python//python:defs.bzl", "py_binary", "py_library")
 load("//shared/bazel:pytest.bzl", "py_pytest")
 load("//tools/oci:service_image.bzl", "service_image")
 
+# The twelve payment services, in pipeline order: one package each under services/<name>/.
+SERVICES = [
+    "npwebhook",
+    "gcwebhook1",
+    "gcwebhook2",
+    "gcsplit1",
+    "gcsplit2",
+    "gcsplit3",
+    "gcaccumulator",
+    "gcmicrobatchprocessor",
+    "gcbatchprocessor",
+    "gchostpay1",
+    "gchostpay2",
+    "gchostpay3",
+]
+
+# The services Cloud Tasks calls: all but np-webhook, which NowPayments calls with its IPN.
+TASK_SERVICES = [name for name in SERVICES if name != "npwebhook"]
+
+def service_targets(target, services = SERVICES):
+    """The labels of one target (e.g. "lib", "server") of each of the services."""
+    return ["//services/%s:%s" % (name, target) for name in services]
+
 def telepay_service(srcs, shared, pypi = [], data = [], test_deps = {}, test_data = {}, smoke_env = {}):
     """Declare one service.
 

@@ -119,23 +119,28 @@ def follow(stack, database, mode: str, amount_usd: str, count: int = 1, run_jobs
     return payments
 
 
+def select(database, sql: str, params: tuple) -> list[dict]:
+    """The rows a query returns, read in a transaction of its own."""
+    with database.transaction() as tx:
+        return tx.fetchall(sql, params)
+
+
 def payout_chain(database, payout_key: str) -> dict:
     """The one payout (request, exchange, transfer) GCSplit1 keyed payout_key: np:<payment> or batch:<batch>."""
-    with database.transaction() as tx:
-        rows = tx.fetchall(
-            "SELECT r.unique_id, r.from_currency, r.to_currency, r.to_amount, q.cn_api_id, q.payin_address,"
-            " q.from_amount AS exchange_from_amount, h.tx_hash, h.tx_status, h.is_complete, h.from_amount AS sent,"
-            " h.from_currency AS sent_currency"
-            " FROM split_payout_request r JOIN split_payout_que q USING (unique_id)"
-            " JOIN split_payout_hostpay h USING (unique_id) WHERE r.idempotency_key = %s", (payout_key,))
+    rows = select(
+        database,
+        "SELECT r.unique_id, r.from_currency, r.to_currency, r.to_amount, q.cn_api_id, q.payin_address,"
+        " q.from_amount AS exchange_from_amount, h.tx_hash, h.tx_status, h.is_complete, h.from_amount AS sent,"
+        " h.from_currency AS sent_currency"
+        " FROM split_payout_request r JOIN split_payout_que q USING (unique_id)"
+        " JOIN split_payout_hostpay h USING (unique_id) WHERE r.idempotency_key = %s", (payout_key,))
     assert len(rows) == 1, rows
     return rows[0]
 
 
 def processed(database, payment_id: int) -> dict:
     """The payment's processed_payments row."""
-    with database.transaction() as tx:
-        return tx.fetchone("SELECT * FROM processed_payments WHERE payment_id = %s", (payment_id,))
+    return next(iter(select(database, "SELECT * FROM processed_payments WHERE payment_id = %s", (payment_id,))), None)
 
 
 def exchange(stack, exchange_id: str) -> dict:
@@ -254,9 +259,8 @@ def test_service_killed_mid_flow_recovers_on_redelivery(stack, database, chain):
 
 def credits(database, payment_ids: list[int]) -> list[dict]:
     """The payout_accumulation rows of the payments."""
-    with database.transaction() as tx:
-        return tx.fetchall("SELECT * FROM payout_accumulation WHERE nowpayments_payment_id = ANY(%s) ORDER BY id",
-                           ([str(p) for p in payment_ids],))
+    return select(database, "SELECT * FROM payout_accumulation WHERE nowpayments_payment_id = ANY(%s) ORDER BY id",
+                  ([str(p) for p in payment_ids],))
 
 
 def test_threshold_credits_convert_in_a_micro_batch_then_pay_out_in_one_batch(stack, database, chain):
@@ -280,11 +284,10 @@ def test_threshold_credits_convert_in_a_micro_batch_then_pay_out_in_one_batch(st
     assert {r["conversion_status"] for r in rows} == {"completed"}
     assert len({r["batch_conversion_id"] for r in rows}) == 1
     assert {r["is_paid_out"] for r in rows} == {True} and len({r["payout_batch_id"] for r in rows}) == 1
-    with database.transaction() as tx:
-        conversion = tx.fetchone("SELECT * FROM batch_conversions WHERE batch_conversion_id = %s",
-                                 (rows[0]["batch_conversion_id"],))
-        converted = tx.fetchone("SELECT * FROM split_payout_hostpay WHERE unique_id = %s",
-                                (f"batch_{rows[0]['batch_conversion_id']}",))
+    [conversion] = select(database, "SELECT * FROM batch_conversions WHERE batch_conversion_id = %s",
+                          (rows[0]["batch_conversion_id"],))
+    [converted] = select(database, "SELECT * FROM split_payout_hostpay WHERE unique_id = %s",
+                         (f"batch_{rows[0]['batch_conversion_id']}",))
     payout = payout_chain(database, f"batch:{rows[0]['payout_batch_id']}")
     # The conversion: one ETH deposit, the USDT received split over the credits to the cent.
     assert conversion["conversion_status"] == "completed" and converted["is_complete"]
@@ -351,8 +354,7 @@ def test_a_task_without_a_valid_oidc_token_is_refused_and_moves_nothing(stack, d
     assert {case: (a.status_code, a.json()["error"]) for case, a in answers.items()} == {
         case: (401, "unauthorized") for case in refused}
     time.sleep(1.0)  # a wrongly accepted order would be signed and broadcast by now
-    with database.transaction() as tx:
-        assert tx.fetchall("SELECT unique_id FROM split_payout_hostpay WHERE unique_id = %s", (unique_id,)) == []
+    assert select(database, "SELECT unique_id FROM split_payout_hostpay WHERE unique_id = %s", (unique_id,)) == []
     assert (chain.nonce(), chain.eth(chain.host)) == (nonce_before, host_before)
 
 

@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+from flask import Response, request
+from telepay_shared.standins.server import StandInServer
 
 from tools.devstack import emulator
 from tools.devstack.persist import write_atomically
@@ -160,59 +162,32 @@ def _methods(body: bytes) -> list[str]:
 
 # ---------------------------------------------------------------------------- the alert sink
 
-class AlertSink:
-    """A Slack incoming-webhook stand-in: keeps the text of every alert POSTed to it."""
+class AlertSink(StandInServer):
+    """A Slack incoming-webhook stand-in: keeps the text of every alert POSTed to it (at any path)."""
+
+    url_path = "/services/soak/alerts"  # the webhook URL to configure as SLACK_ALERT_WEBHOOK is `url`
+    quiet = True  # a line per alert would crowd the soak's report
 
     def __init__(self, port: int = 0):
+        super().__init__(LOOPBACK, port, hang_s=0.0)
         self.alerts: list[dict] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((LOOPBACK, port), self._handler_class())
-        self._server.daemon_threads = True
-
-    @property
-    def url(self) -> str:
-        """The webhook URL to configure as SLACK_ALERT_WEBHOOK."""
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}/services/soak/alerts"
-
-    def start(self) -> AlertSink:
-        """Serve in a daemon thread."""
-        threading.Thread(target=self._server.serve_forever, name="alert-sink", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        self.app = self.app_on_every_path(__name__, self._alert_view, methods=("POST",))
 
     def texts(self) -> list[str]:
         """The text of every alert received so far."""
         with self._lock:
             return [alert["text"] for alert in self.alerts]
 
-    def _handler_class(self):
-        """The request handler, bound to this sink."""
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                try:
-                    text = str(json.loads(body).get("text", ""))
-                except (ValueError, AttributeError):
-                    text = body.decode(errors="replace")
-                with sink._lock:
-                    sink.alerts.append({"at": time.time(), "text": text})
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
+    def _alert_view(self, path: str) -> Response:
+        """Keep the alert's text (the whole body when it is not Slack's JSON) and answer Slack's "ok"."""
+        body = request.get_data()
+        try:
+            text = str(json.loads(body).get("text", ""))
+        except (ValueError, AttributeError):
+            text = body.decode(errors="replace")
+        with self._lock:
+            self.alerts.append({"at": time.time(), "text": text})
+        return Response(b"ok", status=200)
 
 
 # ---------------------------------------------------------------------------- faults on the stack
