@@ -110,12 +110,13 @@ def install_oidc_tokens(server_module, issuer: OidcIssuer) -> None:
 
     def make_task_request_with_identity(queue_name, task, host, port):
         """Deliver the task; one with an oidc_token carries a fresh token in a copy, so none is stored."""
-        identity = task.http_request.oidc_token
+        http = type(task).pb(task).http_request  # the protobuf itself: proto-plus converts on every read
+        identity = http.oidc_token
         if not identity.service_account_email:
             return make_task_request(queue_name, task, host, port)
-        audience = identity.audience or task.http_request.url
+        token = issuer.mint(identity.audience or http.url, identity.service_account_email)
         signed = copy.deepcopy(task)
-        signed.http_request.headers["Authorization"] = "Bearer " + issuer.mint(audience, identity.service_account_email)
+        type(signed).pb(signed).http_request.headers["Authorization"] = "Bearer " + token
         return make_task_request(queue_name, signed, host, port)
 
     server_module._make_task_request = make_task_request_with_identity
