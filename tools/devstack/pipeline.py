@@ -2,9 +2,13 @@
 and a tracker that follows each payment hop by hop to its end state (tools/dev pay, e2e tests, bench).
 
 The tracker polls the database (and the ChangeNOW stand-in) for every payment at once: each hop is
-one query keyed by the NowPayments payment_id, so following a thousand payments costs the same
-dozen queries per round as following one. A hop's time is the database's own commit time where
-the row has one (the transfer's updated_at), else the moment a poll first saw it.
+one query keyed by the NowPayments payment_id, all of a round in one transaction, so following a
+thousand payments costs the same dozen queries per round as following one. A hop is asked only
+about the payments that reached the step before it (it cannot be reached earlier), so a round's
+queries touch the payments moving, not the whole backlog. A hop's time is the database's own
+commit time where the row has one (the transfer's updated_at), else the moment a poll first saw it.
+The tracker shares the machine with the stack it measures, so it polls every BUSY_POLL_S when
+many payments are in flight.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Callable
 
 import requests
+import requests.adapters
 
 from telepay_shared import hops, tokens
 from telepay_shared.cloudtasks import audience_for
@@ -27,7 +32,8 @@ from tools.devstack import wiring
 
 ETH_STEP = Decimal("0.00000001")
 SCHEDULER_EVERY_S = 1.0  # how often a waiting payment makes the stack run a scheduler job
-POLL_S, BUSY_POLL_S = 0.02, 0.2
+POLL_S, BUSY_POLL_S = 0.05, 0.25
+SENDERS = 8  # notifications sent at once
 
 
 @dataclass(frozen=True)
@@ -110,11 +116,12 @@ def ipn_body(channel: DevChannel, payment_id: int, user_id: int, amount_usd: Dec
     }
 
 
-def send_ipn(endpoints: Endpoints, body: dict) -> requests.Response:
-    """POST the notification to np-webhook signed as NowPayments signs it (x-nowpayments-sig)."""
+def send_ipn(endpoints: Endpoints, body: dict, http=requests) -> requests.Response:
+    """POST the notification to np-webhook signed as NowPayments signs it (x-nowpayments-sig); http: requests
+    or a Session."""
     signed = tokens.encode(hops.NOWPAYMENTS_IPN, body, {hops.IPN_KEY: endpoints.keys[hops.IPN_KEY]})
-    return requests.post(endpoints.npwebhook + "/", data=signed["body"], timeout=30,
-                         headers={"Content-Type": "application/json", "x-nowpayments-sig": signed["signature"]})
+    return http.post(endpoints.npwebhook + "/", data=signed["body"], timeout=30,
+                     headers={"Content-Type": "application/json", "x-nowpayments-sig": signed["signature"]})
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,7 +161,8 @@ SCHEDULER_JOBS = {"microbatch": lambda e: e.microbatch + "/check-threshold",
 class Hop:
     """One step a payment reaches: a query returning (payment_id, details...) of the payments there.
 
-    `scheduler` names the job (SCHEDULER_JOBS) that has to run for a payment to reach this step.
+    `scheduler` names the job (SCHEDULER_JOBS) that has to run for a payment to reach this step;
+    `after` the step a payment reaches first (None: the step before this one in its flow).
     """
 
     name: str
@@ -162,8 +170,9 @@ class Hop:
     text: str  # str.format()ed with the row
     sql: str
     scheduler: str | None = None
+    after: str | None = None
 
-    def reached(self, tx, payments: list[Payment], endpoints: Endpoints) -> list[dict]:
+    def reached(self, tx, payments: list[Payment], endpoints: Endpoints, http) -> list[dict]:
         """The rows of the payments that have reached this step."""
         return tx.fetchall(self.sql, ([payment.payment_id for payment in payments],))
 
@@ -172,15 +181,13 @@ class Hop:
 class ExchangeFinished(Hop):
     """ChangeNOW reports the payout's exchange finished (its by-id answer, as GCHostPay asks it)."""
 
-    def reached(self, tx, payments, endpoints) -> list[dict]:
-        """The payments whose payout transfer is mined and whose exchange ChangeNOW reports finished."""
+    def reached(self, tx, payments, endpoints, http) -> list[dict]:
+        """The payments whose exchange ChangeNOW reports finished (asked once their payout transfer is mined)."""
         rows = []
         for payment in payments:
-            if "mined" not in payment.reached:
-                continue  # the deposit is not on the chain yet: nothing to ask ChangeNOW
-            record = requests.get(endpoints.changenow + "/v2/exchange/by-id", timeout=10,
-                                  params={"id": payment.details["cn_api_id"]},
-                                  headers={"x-changenow-api-key": endpoints.keys["CHANGENOW_API_KEY"]}).json()
+            record = http.get(endpoints.changenow + "/v2/exchange/by-id", timeout=10,
+                              params={"id": payment.details["cn_api_id"]},
+                              headers={"x-changenow-api-key": endpoints.keys["CHANGENOW_API_KEY"]}).json()
             if record.get("status") == "finished":
                 rows.append({"payment_id": payment.payment_id, "amount_to": record["amountTo"],
                              "to_currency": record["toCurrency"], "payout_hash": record.get("payoutHash")})
@@ -216,7 +223,7 @@ def _payout_hops(payout_key: str, joins: str = "") -> tuple[Hop, ...]:
 
 _RECORDED = Hop("recorded", "npwebhook", "payment recorded, forwarded to GCWebhook1", _paid())
 _INVITED = Hop("invited", "gcwebhook2", "invite sent: {telegram_invite_link}",
-               _paid(", p.telegram_invite_link", where=" AND p.telegram_invite_sent"))
+               _paid(", p.telegram_invite_link", where=" AND p.telegram_invite_sent"), after="routed")
 
 FLOWS = {
     "instant": (
@@ -250,6 +257,11 @@ FLOWS = {
 
 
 # ---------------------------------------------------------------------------- following payments
+
+def _steps(flow: tuple[Hop, ...]) -> list[tuple[Hop, str | None]]:
+    """Each step of a flow with the step a payment reaches before it (None for the first)."""
+    return [(hop, hop.after or (flow[position - 1].name if position else None)) for position, hop in enumerate(flow)]
+
 
 @dataclass
 class Payment:
@@ -292,26 +304,31 @@ class Tracker:
         self.on_hop, self.on_job, self.run_jobs = on_hop, on_job, run_jobs
         self.payments: dict[int, Payment] = {}
         self._last_job: dict[str, float] = {}
+        self.http = requests.Session()  # one kept connection to the ChangeNOW stand-in
+        # A GET is safe to repeat: once more on a connection the stand-in closed (restarted) meanwhile.
+        self.http.mount("http://", requests.adapters.HTTPAdapter(max_retries=1))
 
     def poll(self) -> None:
-        """One round: every unreached step of every followed payment, then any scheduler job due."""
+        """One round (one transaction): the steps each followed payment may have reached since the last
+        round, in flow order, then any scheduler job due."""
         pending = [payment for payment in list(self.payments.values()) if payment.sent_at and not payment.done]
-        for mode in FLOWS:
-            in_mode = [payment for payment in pending if payment.mode == mode]
-            for hop in FLOWS[mode]:
-                waiting = [payment for payment in in_mode if hop.name not in payment.reached]
-                if waiting:
-                    self._check(hop, waiting)
+        with self.database.transaction() as tx:
+            for mode in FLOWS:
+                in_mode = [payment for payment in pending if payment.mode == mode]
+                for hop, before in _steps(FLOWS[mode]):
+                    waiting = [payment for payment in in_mode if hop.name not in payment.reached
+                               and (before is None or before in payment.reached)]
+                    if waiting:
+                        self._check(tx, hop, waiting)
         jobs = {payment.next_hop().scheduler for payment in pending if payment.next_hop() is not None} - {None}
         for job in sorted(jobs) if self.run_jobs else ():
             if time.monotonic() - self._last_job.get(job, 0.0) >= SCHEDULER_EVERY_S:
                 self._last_job[job] = time.monotonic()
                 self.on_job(job, run_scheduler_job(SCHEDULER_JOBS[job](self.endpoints), self.endpoints.keys))
 
-    def _check(self, hop: Hop, waiting: list[Payment]) -> None:
+    def _check(self, tx, hop: Hop, waiting: list[Payment]) -> None:
         """Record the step for the payments that have reached it."""
-        with self.database.transaction() as tx:
-            rows = hop.reached(tx, waiting, self.endpoints)
+        rows = hop.reached(tx, waiting, self.endpoints, self.http)
         now = time.time()
         for row in rows:
             payment = self.payments[row.pop("payment_id")]
@@ -348,12 +365,12 @@ def known_payment(database, payment_id: int) -> Payment:
                    sent_at=row["at"])
 
 
-def notify(endpoints: Endpoints, payment: Payment, attempts: int = 5) -> None:
+def notify(endpoints: Endpoints, payment: Payment, attempts: int = 5, http=requests) -> None:
     """Send the payment's IPN, again on a 5xx as NowPayments would (np-webhook answers 503 to be retried)."""
     body = ipn_body(CHANNELS[payment.mode], payment.payment_id, payment.user_id, payment.amount_usd, ETH_USD)
     payment.sent_at = time.time()
     for attempt in range(attempts):
-        answer = send_ipn(endpoints, body)
+        answer = send_ipn(endpoints, body, http)
         payment.answer = f"{answer.status_code} {answer.text.strip()[:120]}"
         if answer.status_code < 500:
             return
@@ -370,11 +387,14 @@ def pay(tracker: Tracker, mode: str, amount_usd: Decimal, count: int = 1, rate: 
 
     def send_all():
         started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
+        # The senders share kept connections to np-webhook: the client and np-webhook do not pay a
+        # connection per notification on the cores the pipeline being measured runs on.
+        with requests.Session() as http, ThreadPoolExecutor(SENDERS) as pool:  # the senders end first
+            http.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=SENDERS))
             for number, payment in enumerate(payments):
                 if rate:
                     time.sleep(max(0.0, started + number / rate - time.monotonic()))
-                pool.submit(notify, tracker.endpoints, payment)
+                pool.submit(notify, tracker.endpoints, payment, http=http)
 
     with ThreadPoolExecutor(1) as sender:
         sending = sender.submit(send_all)

@@ -10,7 +10,8 @@
 
 * tasks: the patched gcloud-tasks-emulator of telepay_shared.testing.tasks_emulator (reused names
   answer ALREADY_EXISTS, like Cloud Tasks), with its gRPC API on 127.0.0.1 only and Cloud Tasks'
-  immediate, concurrent dispatch (emulator.py); --poll-s is how often delayed tasks are looked at.
+  immediate, concurrent dispatch over kept connections (emulator.py); --poll-s is how often
+  delayed tasks are looked at.
   With --secrets (the stack's secrets.json), a task created with an OIDC token is delivered with
   `Authorization: Bearer <ID token>` signed by the stack's OIDC_SIGNING_KEY, as Cloud Tasks attaches
   Google's. It keeps no state: the stack drains it on down.
@@ -64,9 +65,10 @@ def serve_tasks(args: argparse.Namespace) -> None:
     from gcloud_tasks_emulator import server
 
     from telepay_shared.testing.tasks_emulator import install_cloud_tasks_fidelity
-    from tools.devstack.emulator import dispatch_concurrently
+    from tools.devstack.emulator import deliver_over_kept_connections, dispatch_concurrently
 
     install_cloud_tasks_fidelity(server)
+    deliver_over_kept_connections(server)  # first: the OIDC tokens wrap it
     if args.secrets:
         from telepay_shared.testing.tasks_emulator import install_oidc_tokens
 
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request would drown the logs
+    logging.getLogger("gcloud-tasks-emulator").setLevel(logging.WARNING)  # four lines per task, likewise
     from tools.devstack.chain import serve_chain
     from tools.devstack.settlement import serve_changenow
 
