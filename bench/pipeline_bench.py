@@ -12,6 +12,14 @@ Runs against the local stack (`tools/dev up` first), through the same code as `t
 3. Threshold (one payment): the same measure, which includes the deliberate waits of a threshold
    payout (the scheduler's 1 s cadence, GCHostPay1's 1 s re-check of the conversion), shown apart.
 Targets on the 2-core build machine: p50 < 1 s, >= 20 payments/s.
+
+Where it stands (session 2, idle machine): p50 0.075 s; 15.1 payments/s (16.0 with the ChangeNOW
+stand-in settling off chain, TELEPAY_DEV_CHANGENOW_PAYOUTS=0, so chain CPU is not the cap). The
+stack uses ~110 ms of CPU per payment (chain ~27, Cloud Tasks emulator ~16, GCHostPay3 ~16,
+ChangeNOW stand-in ~12, PostgreSQL ~10, the other services ~33): about 18/s on two cores at best,
+and GCHostPay3's payouts are serialised by the host wallet's lock (nonce allocation: one node
+round trip and four queries per payout, ~50-60 ms held under load). Next: interval mining on the
+dev chain, nonce allocation without a node round trip under the lock.
 """
 from __future__ import annotations
 
