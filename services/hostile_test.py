@@ -55,10 +55,10 @@ from telepay_shared import hops, tokens
 from telepay_shared.testing.oidc import CertsServer, OidcIssuer
 from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
 
+from services.catalog import SERVICES
+
 pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
 
-SERVICES = ("npwebhook", "gcwebhook1", "gcwebhook2", "gcsplit1", "gcsplit2", "gcsplit3", "gcaccumulator",
-            "gcmicrobatchprocessor", "gcbatchprocessor", "gchostpay1", "gchostpay2", "gchostpay3")
 BODY_LIMIT = 64 * 1024  # web.create_app's max_body_bytes default
 SIGNATURE_HEADER = "X-Webhook-Signature"
 OIDC_AUDIENCE_OF = "https://{}.telepay.example"

@@ -24,10 +24,10 @@ from telepay_shared.testing.oidc import OidcIssuer
 from telepay_shared.testing.pytest_plugin import KEYS, TASKS_SERVICE_ACCOUNT, TEST_LOCATION, TEST_PROJECT, VECTORS
 from telepay_shared.testing.tasks_emulator import TasksEmulator
 
+from services.catalog import TASK_SERVICES
+
 pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
 
-SERVICES = ("gcwebhook1", "gcwebhook2", "gcsplit1", "gcsplit2", "gcsplit3", "gcaccumulator", "gcmicrobatchprocessor",
-            "gcbatchprocessor", "gchostpay1", "gchostpay2", "gchostpay3")
 PROBE_QUEUE = "oidc-probe-queue"
 INTRUDER = "intruder@elsewhere.iam.gserviceaccount.com"
 # What web.verify_oidc_token answers; a route's own checks (a body signature, a token) answer otherwise.
@@ -171,7 +171,7 @@ def refusals(issuer: OidcIssuer, origin: str) -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("name", SERVICES)
+@pytest.mark.parametrize("name", TASK_SERVICES)
 def test_every_route_takes_a_cloud_tasks_oidc_task_and_refuses_any_other(name, env_for, load_service_config, database,
                                                                           deliveries, tasks_emulator):
     service = RunningService(name, env_for, load_service_config)

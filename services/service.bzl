@@ -11,6 +11,7 @@ load("//shared/bazel:pytest.bzl", "py_pytest")
 load("//tools/oci:service_image.bzl", "service_image")
 
 # The twelve payment services, in pipeline order: one package each under services/<name>/.
+# services/catalog.py is the same list for Python; //services:catalog_test keeps the two equal.
 SERVICES = [
     "npwebhook",
     "gcwebhook1",

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
 from gcloud_tasks_emulator import server
 from google.cloud import tasks_v2
@@ -30,10 +31,14 @@ def tasks():
     port = free_port()
     running = server.create_server("127.0.0.1", port, max_retries=-1)
     running.start()
-    client = TasksClient("p", "l", emulator_host=f"127.0.0.1:{port}")
-    client.ensure_queue(QUEUE)
-    yield client
-    running.stop()
+    try:  # stopped whatever happens: its threads would keep the test process alive
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)  # start() returns before it listens
+        client = TasksClient("p", "l", emulator_host=f"127.0.0.1:{port}")
+        client.ensure_queue(QUEUE)
+        yield client
+    finally:
+        running.stop()
 
 
 @pytest.fixture()

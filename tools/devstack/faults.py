@@ -29,6 +29,7 @@ import requests
 from flask import Response, request
 from telepay_shared.standins.server import StandInServer
 
+from services.catalog import SERVICES
 from tools.devstack import emulator
 from tools.devstack.persist import write_atomically
 
@@ -259,8 +260,7 @@ class Fault:
 class FaultPlan:
     """A seeded schedule: every kind in `kinds` at least `minimum` times, plus Poisson extras at `per_minute`."""
 
-    SERVICES_KILLED = ("npwebhook", "gcwebhook1", "gcwebhook2", "gcsplit1", "gcsplit2", "gcsplit3", "gcaccumulator",
-                       "gcmicrobatchprocessor", "gcbatchprocessor", "gchostpay1", "gchostpay2", "gchostpay3")
+    SERVICES_KILLED = SERVICES  # any of them, np-webhook and GCHostPay3 included
     # Where lost answers hurt: the broadcast above all, then the reads the transfer decision rests on.
     RPC_METHODS = ("eth_sendRawTransaction", "eth_sendRawTransaction", "eth_getTransactionReceipt",
                    "eth_getTransactionCount", "eth_getTransactionByHash", None)

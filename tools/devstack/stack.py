@@ -41,11 +41,10 @@ from typing import Callable, Mapping
 
 import requests
 
+from services.catalog import SERVICES
 from tools.devstack import wiring
 
 LOOPBACK = "127.0.0.1"
-SERVICES = ("npwebhook", "gcwebhook1", "gcwebhook2", "gcsplit1", "gcsplit2", "gcsplit3", "gcaccumulator",
-            "gcmicrobatchprocessor", "gcbatchprocessor", "gchostpay1", "gchostpay2", "gchostpay3")
 WORLD = ("tasks", "chain", "changenow", "telegram", "coingecko", "oidc")
 PORT_OFFSETS = {"postgres": 0, "tasks": 1, "chain": 2, "changenow": 3, "telegram": 4, "coingecko": 5, "oidc": 6,
                 **{name: 10 + number for number, name in enumerate(SERVICES)}}
