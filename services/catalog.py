@@ -1,25 +1,27 @@
-"""The twelve payment services, in pipeline order: the one Python list every cross-service tool reads
-(the local stack, the fault soak, the hostile-input and OIDC sweeps).
+"""The twelve payment services, in pipeline order, for Python: the local stack, the fault soak and the
+hostile-input and OIDC sweeps read them here.
 
-Bazel has the same list in services/service.bzl (Starlark cannot import Python): a new service is
-added to both; catalog_test checks that they agree and that each names a service folder.
+The list itself is written once, as SERVICES in services/service.bzl, because Bazel declares every
+service's targets from it and Starlark cannot import Python; it is read from there.
 """
 from __future__ import annotations
 
-SERVICES = (
-    "npwebhook",
-    "gcwebhook1",
-    "gcwebhook2",
-    "gcsplit1",
-    "gcsplit2",
-    "gcsplit3",
-    "gcaccumulator",
-    "gcmicrobatchprocessor",
-    "gcbatchprocessor",
-    "gchostpay1",
-    "gchostpay2",
-    "gchostpay3",
-)
+import ast
+import re
+from pathlib import Path
+
+DECLARATION = Path(__file__).with_name("service.bzl")
+
+
+def _declared(name: str) -> tuple[str, ...]:
+    """The string list assigned to `name` at the top level of service.bzl."""
+    match = re.search(rf"^{name} = (\[.*?\])\n", DECLARATION.read_text(), re.MULTILINE | re.DOTALL)
+    if match is None:
+        raise RuntimeError(f"{DECLARATION} assigns no list to {name}")
+    return tuple(ast.literal_eval(match[1]))
+
+
+SERVICES = _declared("SERVICES")
 # NowPayments calls np-webhook with its IPN; Cloud Tasks (or Cloud Scheduler) calls every other service.
 ENTRY = "npwebhook"
 TASK_SERVICES = tuple(name for name in SERVICES if name != ENTRY)

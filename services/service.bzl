@@ -11,7 +11,7 @@ load("//shared/bazel:pytest.bzl", "py_pytest")
 load("//tools/oci:service_image.bzl", "service_image")
 
 # The twelve payment services, in pipeline order: one package each under services/<name>/.
-# services/catalog.py is the same list for Python; //services:catalog_test keeps the two equal.
+# services/catalog.py reads this list for Python (keep it a plain list of strings).
 SERVICES = [
     "npwebhook",
     "gcwebhook1",
