@@ -54,19 +54,33 @@ class SecretScan:
 
     def __init__(self, secrets: dict[str, str | bytes] | None = None):
         self._needles: dict[str, tuple[str, str]] = {}  # text -> (secret name, form)
+        # Every text scanned so far: a secret learnt later (a test's own config, a module's key read
+        # at the end of the session) is looked for in what was logged before it too.
+        self._scanned: list[tuple[str, str]] = []  # (text, source)
         self.findings: list[Finding] = []
         for name, value in (secrets or {}).items():
             self.add(name, value)
 
     def add(self, name: str, value: str | bytes | None) -> None:
-        """Look for this secret from now on (values too short to be told from text are skipped)."""
+        """Look for this secret in every text, scanned already or to come (too short values are skipped)."""
         if not value or len(value) < MIN_SECRET_CHARS:
             return
-        for form, text in secret_forms(value).items():
-            self._needles.setdefault(text, (name, form))
+        new: dict[str, tuple[str, str]] = {}
+        for form, text in secret_forms(value).items():  # a text two forms share keeps the first form
+            if text not in self._needles:
+                new.setdefault(text, (name, form))
+        self._needles.update(new)
+        for text, source in self._scanned:
+            self.findings.extend(self._matches(new, text, source))
 
     def find(self, text: str, source: str) -> list[Finding]:
         """The secrets present in text (each name once per form), also kept in findings."""
-        found = [Finding(name, form, source) for needle, (name, form) in self._needles.items() if needle in text]
+        self._scanned.append((text, source))
+        found = self._matches(self._needles, text, source)
         self.findings.extend(found)
         return found
+
+    @staticmethod
+    def _matches(needles: dict[str, tuple[str, str]], text: str, source: str) -> list[Finding]:
+        """The findings of these needles in one text."""
+        return [Finding(name, form, source) for needle, (name, form) in needles.items() if needle in text]

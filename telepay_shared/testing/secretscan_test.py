@@ -48,5 +48,12 @@ def test_findings_accumulate_and_name_the_secret_never_the_value():
     assert [str(f) for f in scan.findings] == ["a.log: secret SIGNING (raw form)", "b.log: secret SIGNING (raw form)"]
 
 
+def test_a_secret_learnt_after_the_log_line_is_still_found_in_it():
+    scan = SecretScan({"EARLY": "early-secret-0123"})
+    assert scan.find("INFO gcsplit2 key late-secret-4567 was used", "test_x") == []
+    scan.add("LATE", "late-secret-4567")
+    assert [str(finding) for finding in scan.findings] == ["test_x: secret LATE (raw form)"]
+    assert scan.find("nothing here", "test_y") == [] and len(scan.findings) == 1
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
