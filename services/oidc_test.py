@@ -34,7 +34,7 @@ INTRUDER = "intruder@elsewhere.iam.gserviceaccount.com"
 OIDC_REFUSALS = ("missing Authorization: Bearer identity token", "identity token rejected", "caller is not allowed")
 WALLET = Account.create()
 EXTRA_VALUES = {  # the names some services need that the plugin's environment does not give
-    "HOST_WALLET_PRIVATE_KEY": WALLET.key.to_0x_hex(), "ETHEREUM_RPC_URL": "http://127.0.0.1:9",
+    "HOST_WALLET_PRIVATE_KEY": WALLET.key.to_0x_hex(), "ETHEREUM_RPC_URL": "http://127.0.0.1:9/oidc-test-rpc",
     "HOST_WALLET_ETH_ADDRESS": WALLET.address, "HOST_WALLET_USDT_ADDRESS": WALLET.address,
     "TELEGRAM_BOT_SECRET_NAME": "123456789:oidc-test-telegram-bot-token",
 }
