@@ -151,6 +151,7 @@ IDEMPOTENCY_INDEXES = {
     "split_payout_que(cn_api_id) unique", "split_payout_que(unique_id) unique",
     "split_payout_hostpay(unique_id) unique", "batch_conversions(cn_api_id) unique",
     "split_payout_hostpay(sender_address, nonce) unique",  # 0003
+    "private_channel_users_database(user_id, private_channel_id, id)",  # 0004
 }
 
 _CAST = re.compile(r"::[a-z ]+(\(\d+\))?")
@@ -262,10 +263,10 @@ def _sqlstate(exc: BaseException) -> str:
 # --- applying ------------------------------------------------------------------------------------
 
 def test_applies_cleanly_to_an_empty_database(empty_db):
-    assert apply_migrations(empty_db) == [1, 2, 3]
+    assert apply_migrations(empty_db) == [1, 2, 3, 4]
     history = _history(empty_db)
     assert [(row["version"], row["name"]) for row in history] == [
-        (1, "legacy_schema"), (2, "idempotency"), (3, "hostpay_signed_tx")]
+        (1, "legacy_schema"), (2, "idempotency"), (3, "hostpay_signed_tx"), (4, "subscription_lookup_index")]
     assert all(re.fullmatch(r"[0-9a-f]{64}", row["checksum"]) for row in history)
 
 
@@ -278,7 +279,7 @@ def test_second_run_is_a_no_op(empty_db):
 
 def test_up_to_stops_at_a_version_and_a_later_run_continues(empty_db):
     assert apply_migrations(empty_db, up_to=1) == [1]
-    assert apply_migrations(empty_db) == [2, 3]
+    assert apply_migrations(empty_db) == [2, 3, 4]
 
 
 def test_concurrent_runs_apply_each_migration_exactly_once(empty_dsn):
@@ -298,9 +299,9 @@ def test_concurrent_runs_apply_each_migration_exactly_once(empty_dsn):
     for thread in threads:
         thread.join(60)
     assert failures == []
-    assert sorted(version for applied in results for version in applied) == [1, 2, 3]
+    assert sorted(version for applied in results for version in applied) == [1, 2, 3, 4]
     with Database.from_dsn(empty_dsn) as db:
-        assert [row["version"] for row in _history(db)] == [1, 2, 3]
+        assert [row["version"] for row in _history(db)] == [1, 2, 3, 4]
 
 
 def test_a_failing_migration_leaves_nothing_behind(empty_db, tmp_path):
@@ -325,7 +326,7 @@ def test_an_applied_migration_that_changed_is_refused(empty_db, tmp_path):
         apply_migrations(empty_db, directory=directory)
     assert [row["version"] for row in _history(empty_db)] == [1]
     assert [state.status for state in migration_status(empty_db, directory=directory)] == [
-        "changed", "pending", "pending"]
+        "changed", "pending", "pending", "pending"]
 
 
 @pytest.mark.parametrize("names, reason", [
@@ -344,13 +345,14 @@ def test_badly_named_migration_files_are_refused(tmp_path, names, reason):
 
 def test_status_reports_pending_applied_and_unknown(empty_db):
     assert [(s.version, s.status, s.applied_at) for s in migration_status(empty_db)] == [
-        (1, "pending", None), (2, "pending", None), (3, "pending", None)]
+        (1, "pending", None), (2, "pending", None), (3, "pending", None), (4, "pending", None)]
     apply_migrations(empty_db)
     with empty_db.transaction() as tx:
         tx.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (99, 'future', %s)", ("0" * 64,))
     states = migration_status(empty_db)
     assert [(s.version, s.name, s.status) for s in states] == [
         (1, "legacy_schema", "applied"), (2, "idempotency", "applied"), (3, "hostpay_signed_tx", "applied"),
+        (4, "subscription_lookup_index", "applied"),
         (99, "future", "unknown")]
     assert all(s.applied_at is not None for s in states)
 
@@ -359,7 +361,7 @@ def test_cli_applies_and_reports(empty_dsn, capsys):
     assert main(["--dsn", empty_dsn, "--status"]) == 1
     assert "0001_legacy_schema\tpending" in capsys.readouterr().out
     assert main(["--dsn", empty_dsn]) == 0
-    assert capsys.readouterr().out.strip() == "applied 0001, 0002, 0003"
+    assert capsys.readouterr().out.strip() == "applied 0001, 0002, 0003, 0004"
     assert main(["--dsn", empty_dsn]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
     assert main(["--dsn", empty_dsn, "--status"]) == 0
@@ -389,7 +391,7 @@ def test_module_runs_as_a_script(empty_dsn):
     env = os.environ | {"PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
     result = subprocess.run([sys.executable, "-m", "telepay_shared.migrate", "--dsn", empty_dsn],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stdout.strip()) == (0, "applied 0001, 0002, 0003")
+    assert (result.returncode, result.stdout.strip()) == (0, "applied 0001, 0002, 0003, 0004")
 
 
 # --- the schema itself -------------------------------------------------------------------------

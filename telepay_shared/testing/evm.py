@@ -10,7 +10,11 @@ behind web3 v8's `EthereumTesterProvider`. It comes with:
 * mining control: transactions are mined as they arrive; inside `mining_paused()` they wait in
   the pool (a broadcast transfer not yet confirmed) until `mine()`;
 * `serve_json_rpc(port)`: the same chain over HTTP JSON-RPC on 127.0.0.1, so a service in another
-  process can use it through ETHEREUM_RPC_URL (web3's HTTPProvider works against it).
+  process can use it through ETHEREUM_RPC_URL (web3's HTTPProvider works against it);
+* over JSON-RPC, a raw transaction whose nonce is ahead of its sender's next one waits, as in a real
+  node's "queued" pool (geth), until the transactions before it arrive, and is then mined in nonce
+  order; eth-tester alone refuses it. Concurrent senders that sign in nonce order do not always
+  broadcast in that order, and a real node accepts that.
 
 Chain id: eth-tester's 131277322940537, deliberately not mainnet's 1. Note that eth-tester's
 "pending" transaction count does not include transactions waiting in its pool.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +36,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_tester import EthereumTester, PyEVMBackend
+from eth_utils import keccak
 from web3 import EthereumTesterProvider, Web3
 
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent.parent / "testing" / "contracts"
@@ -42,6 +48,7 @@ DEFAULT_HOST_TOKENS = 1_000_000  # whole tokens minted to the host wallet per te
 
 # JSON-RPC "server error" code that geth uses for transaction rejections.
 _SERVER_ERROR = -32000
+_NONCE_REFUSED = re.compile(r"Expected (\d+), but got (\d+)")  # eth-tester's "Invalid transaction nonce"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class LocalChain:
         self.host = Account.create()
         self._artefact = token_artefact()
         self._mining_paused = False
+        self._queued: dict[tuple[bytes, int], str] = {}  # (sender, nonce) -> raw transaction waiting for its turn
         if host_eth_wei:
             self.send_eth(self.host.address, host_eth_wei)
         self.usdt = self.deploy_token("USDT", 6) if with_tokens else None
@@ -173,11 +181,56 @@ class LocalChain:
     def rpc(self, method: str, params: list) -> Any:
         """Answer one JSON-RPC call from the chain, with results in JSON-RPC's hex form."""
         with self.lock:
-            provider = self.w3.provider
-            response = provider.request_func(self.w3, self.w3.middleware_onion)(method, params)
+            if method == "eth_sendRawTransaction" and params and isinstance(params[0], str):
+                return self._send_raw(params[0])
+            return self._call(method, params)
+
+    def _call(self, method: str, params: list) -> Any:
+        """One call to eth-tester (under the lock)."""
+        response = self.w3.provider.request_func(self.w3, self.w3.middleware_onion)(method, params)
         if "error" in response:
             raise RpcError(response["error"].get("code", _SERVER_ERROR), response["error"].get("message", ""))
         return to_json_rpc(response.get("result"))
+
+    def _send_raw(self, raw: str) -> str:
+        """Take a raw transaction as a node does: one ahead of its sender's nonce waits (module docstring)."""
+        try:
+            tx_hash = self._call("eth_sendRawTransaction", [raw])
+        except Exception as exc:
+            refused = _NONCE_REFUSED.search(str(exc))
+            if refused is None or int(refused[2]) <= int(refused[1]):
+                raise  # not a nonce ahead (a nonce already used is refused, as geth refuses it)
+            return self._queue(raw)
+        if self._queued:
+            self._release_queued(raw)
+        return tx_hash
+
+    def _decode(self, raw: str):
+        """The signed transaction in raw (its sender recovered by py-evm)."""
+        builder = self.tester.backend.chain.get_vm().get_transaction_builder()
+        return builder.decode(bytes.fromhex(raw.removeprefix("0x")))
+
+    def _queue(self, raw: str) -> str:
+        """Keep a transaction whose nonce is ahead until the gap before it is filled; its hash."""
+        transaction = self._decode(raw)
+        key = (transaction.sender, transaction.nonce)
+        if key in self._queued:
+            # geth's answers: the same bytes again, or another transaction for a nonce already taken.
+            raise RpcError(_SERVER_ERROR, "already known" if self._queued[key] == raw
+                           else "replacement transaction underpriced")
+        self._queued[key] = raw
+        return "0x" + keccak(bytes.fromhex(raw.removeprefix("0x"))).hex()
+
+    def _release_queued(self, sent: str) -> None:
+        """After a transaction is mined, mine the sender's queued transactions that now follow on."""
+        transaction = self._decode(sent)
+        sender, nonce = transaction.sender, transaction.nonce + 1
+        while (raw := self._queued.pop((sender, nonce), None)) is not None:
+            try:
+                self._call("eth_sendRawTransaction", [raw])
+            except Exception:  # noqa: BLE001 - a node drops a queued transaction that turns out invalid
+                return
+            nonce += 1
 
     def serve_json_rpc(self, port: int = 0) -> JsonRpcServer:
         """Serve this chain over HTTP JSON-RPC on 127.0.0.1:port (0: a free port) in a daemon thread."""

@@ -111,6 +111,31 @@ def test_web3_http_provider_sends_a_transaction_through_the_json_rpc_server():
             remote.eth.get_transaction_receipt("0x" + "00" * 32)
 
 
+def test_a_transaction_ahead_of_its_nonce_waits_for_the_ones_before_it_as_in_a_node_pool():
+    """Signed in nonce order, broadcast out of order: a node queues the later one until the gap is filled."""
+    chain = LocalChain(with_tokens=False)
+    payins = [Web3.to_checksum_address("0x" + f"{n:02x}" * 20) for n in (0x11, 0x22, 0x33)]
+    with chain.serve_json_rpc() as server:
+        remote = Web3(Web3.HTTPProvider(server.url, request_kwargs={"timeout": 10}))
+        signed = [signed_transfer(chain, remote, payin, value=1000 + n, nonce=n) for n, payin in enumerate(payins)]
+        later = [remote.eth.send_raw_transaction(signed[n].raw_transaction) for n in (2, 1)]
+        assert later == [signed[2].hash, signed[1].hash]  # accepted, as a node answers, with their hashes
+        assert chain.nonce(chain.host_address) == 0 and chain.eth_balance(payins[2]) == 0  # waiting, not mined
+        with pytest.raises(TransactionNotFound):
+            remote.eth.get_transaction_receipt(signed[2].hash)
+        with pytest.raises(Web3RPCError, match="already known"):  # the same bytes again
+            remote.eth.send_raw_transaction(signed[2].raw_transaction)
+        other = signed_transfer(chain, remote, payins[0], value=5, nonce=2)
+        with pytest.raises(Web3RPCError, match="replacement transaction underpriced"):
+            remote.eth.send_raw_transaction(other.raw_transaction)
+        remote.eth.send_raw_transaction(signed[0].raw_transaction)  # the gap is filled: all three are mined
+        assert chain.nonce(chain.host_address) == 3
+        assert [chain.eth_balance(payin) for payin in payins] == [1000, 1001, 1002]
+        assert [remote.eth.get_transaction_receipt(s.hash)["status"] for s in signed] == [1, 1, 1]
+        with pytest.raises(Web3RPCError, match="nonce"):  # a nonce already used is still refused
+            remote.eth.send_raw_transaction(other.raw_transaction)
+
+
 def test_json_rpc_server_answers_batches_and_malformed_requests():
     chain = LocalChain(with_tokens=False)
     with chain.serve_json_rpc() as server:
