@@ -281,13 +281,20 @@ def test_crash_after_commit_the_redelivery_broadcasts_the_stored_transaction(ser
     completions(deliveries, 1)
 
 
-def test_a_new_payout_does_not_wait_behind_a_transfer_that_never_reached_the_node(service, chain, database,
-                                                                                   deliveries, monkeypatch):
-    stranded, other = new_payin(), new_payin()
+def strand_a_transfer(service, monkeypatch) -> str:
+    """A payout whose transfer is recorded but never reached the node (its instance died before broadcasting)."""
+    stranded = new_payin()
     real_broadcast = Wallet.broadcast
     monkeypatch.setattr(Wallet, "broadcast", lambda self, raw: (_ for _ in ()).throw(OSError("instance killed")))
     assert post(service, t12(stranded)).status_code == 503
     monkeypatch.setattr(Wallet, "broadcast", real_broadcast)
+    return stranded
+
+
+def test_a_new_payout_does_not_wait_behind_a_transfer_that_never_reached_the_node(build, chain, database,
+                                                                                   deliveries, monkeypatch):
+    service = build(HOSTPAY3_UNSENT_AFTER_S="0")  # the stranded transfer counts as stranded at once
+    stranded, other = strand_a_transfer(service, monkeypatch), new_payin()
     # Another payout: its nonce follows the recorded one, and the stranded transfer is resent first.
     answer = post(service, t12(other))
     assert answer.status_code == 200, answer.json
@@ -296,6 +303,29 @@ def test_a_new_payout_does_not_wait_behind_a_transfer_that_never_reached_the_nod
     # The stranded payout's own redelivery finds it mined and reports it; nothing is sent again.
     assert post(service, t12(stranded), retry_count=3).json["status"] == "success"
     assert chain.nonce(chain.host_address) == 2
+    assert sorted(t["unique_id"] for t in completions(deliveries, 2)) == sorted([uid(stranded), uid(other)])
+
+
+def test_a_transfer_recorded_moments_ago_is_left_to_its_own_delivery(service, chain, database, deliveries,
+                                                                     monkeypatch):
+    """Within HOSTPAY3_UNSENT_AFTER_S a recorded transfer is being broadcast by its own delivery: the next payout
+    neither asks the node about it nor resends it under the wallet lock. It waits behind the gap instead (503:
+    the in-process eth-tester refuses a nonce ahead, where a node would queue it), and both are paid once the
+    first delivery comes back."""
+    stranded, other = strand_a_transfer(service, monkeypatch), new_payin()
+    sent: list[str] = []
+    real_broadcast = Wallet.broadcast
+    monkeypatch.setattr(Wallet, "broadcast", lambda self, raw: (sent.append(raw), real_broadcast(self, raw))[1])
+    waiting = post(service, t12(other))
+    [stranded_row] = [r for r in transfers(database) if r["unique_id"] == uid(stranded)]
+    assert stranded_row["signed_tx"] not in sent  # not resent by the other payout
+    assert (waiting.status_code, waiting.json["error"]) == (503, "broadcast_failed")  # nonce 1 waits behind 0
+    assert {r["unique_id"]: r["nonce"] for r in transfers(database)} == {uid(stranded): 0, uid(other): 1}
+    assert chain.nonce(chain.host_address) == 0
+    assert post(service, t12(stranded), retry_count=1).status_code == 200
+    assert post(service, t12(other), retry_count=1).status_code == 200
+    assert chain.nonce(chain.host_address) == 2
+    assert chain.eth_balance(stranded) == chain.eth_balance(other) == 4_462_000_000_000_000
     assert sorted(t["unique_id"] for t in completions(deliveries, 2)) == sorted([uid(stranded), uid(other)])
 
 

@@ -7,7 +7,11 @@ re-signed with a fresh nonce on a timeout, so one payout could be paid two or th
 1. Under a transaction-scoped advisory lock on the host wallet, look up split_payout_hostpay.
 2. No row: check the order and the wallet's balances, allocate the nonce (past the node's pending
    nonce and every nonce we recorded), sign, INSERT the row with nonce, tx_hash and the signed bytes,
-   COMMIT. Only then broadcast.
+   COMMIT. Only then broadcast. The node is asked (fees, balances, pending nonce) before the lock is
+   taken: the lock serialises every payout of the wallet, so what it covers is only what must be
+   decided one at a time, the nonce from our own records, and no node round trip. An answer read a
+   moment earlier is no weaker: payouts broadcast after their lock is released, so even under the
+   lock the node's view could lag the ledger's, which is why the ledger's highest nonce decides.
 3. A row (this delivery's, or an earlier one's): never sign again. Look up the receipt of the
    recorded hash, rebroadcast the recorded bytes if the node does not have them, wait a few
    seconds. Mined with status 1: mark the row complete and send T14 to GCHostPay1; status 0:
@@ -65,6 +69,7 @@ class Settings:
     retry_delay_s: int
     confirmation_wait_s: float
     review_after_s: int
+    unsent_after_s: int
     retry_queue: str
     retry_url: str
     completion_queue: str
@@ -76,11 +81,22 @@ class Settings:
         return cls(
             max_attempts=config.HOSTPAY3_MAX_ATTEMPTS, retry_delay_s=config.HOSTPAY3_RETRY_DELAY_S,
             confirmation_wait_s=float(config.HOSTPAY3_CONFIRMATION_WAIT_S),
-            review_after_s=config.HOSTPAY3_REVIEW_AFTER_S,
+            review_after_s=config.HOSTPAY3_REVIEW_AFTER_S, unsent_after_s=config.HOSTPAY3_UNSENT_AFTER_S,
             retry_queue=config.GCHOSTPAY3_RETRY_QUEUE, retry_url=rules.endpoint(config.GCHOSTPAY3_URL, "/"),
             completion_queue=config.GCHOSTPAY1_RESPONSE_QUEUE,
             completion_url=rules.endpoint(config.GCHOSTPAY1_URL, "/payment-completed"),
         )
+
+
+@dataclass(frozen=True)
+class WalletState:
+    """The node's answers a new transfer is decided on (token fields: None for ETH)."""
+
+    fees: Fees
+    wei: int
+    chain_nonce: int
+    token_decimals: int | None
+    token_units: int | None
 
 
 @dataclass
@@ -125,29 +141,34 @@ class PaymentExecutor:
                 outcome = self._give_up(tx, order, invalid.error_code, invalid.message)
             self._announce(order, outcome)
             raise
-        fees = self._fees_before_lock()
+        wallet_state = self._wallet_state_before_lock(transfer)
         with self._locked() as tx:
             recorded = ledger.find_transfer(tx, order.unique_id)
-            started = recorded or self._start(tx, order, transfer, first_delivery, fees)
+            started = recorded or self._start(tx, order, transfer, first_delivery, wallet_state)
         if isinstance(started, Outcome):
             return self._announce(order, started)
         return self._announce(order, self._settle(order, started, first_delivery, fresh=recorded is None))
 
     # ------------------------------------------------------------------ a new transfer
 
-    def _fees_before_lock(self) -> Fees | Exception:
-        """The fee caps, asked before the wallet lock is taken (a price needs no lock), so that every
-        delivery holds the lock that serialises the wallet's payouts for one node round trip less.
-        A failure is returned, to be handled under the lock like any node failure before signing."""
+    def _wallet_state_before_lock(self, transfer: Transfer) -> WalletState | Exception:
+        """What the node says about the wallet (fees, balances, pending nonce), asked before the wallet lock is
+        taken (module docstring, step 2). A failure is returned, to be handled under the lock like any node
+        failure before signing."""
         try:
-            return self.wallet.fees()
+            fees = self.wallet.fees()
+            contract = transfer.asset.contract
+            decimals = self.wallet.token_decimals(contract) if contract else None
+            token_units = self.wallet.token_balance(contract) if contract else None
+            wei, chain_nonce = self.wallet.balance_and_nonce()
         except errors.TelePayError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified under the lock (_sign)
             return exc
+        return WalletState(fees, wei, chain_nonce, decimals, token_units)
 
     def _start(self, tx: Transaction, order: Order, transfer: Transfer,
-               first_delivery: bool, fees: Fees | Exception | None = None) -> RecordedTransfer | Outcome:
+               first_delivery: bool, wallet_state: WalletState | Exception) -> RecordedTransfer | Outcome:
         """Sign and record a new transfer (committed by the caller before it is broadcast)."""
         if ledger.under_review(tx, order.unique_id):
             return Outcome({"status": FAILED, "message": "payout awaits review in failed_transactions; not sent",
@@ -156,49 +177,45 @@ class PaymentExecutor:
             return self._give_up(tx, order, order.last_error_code or "ATTEMPT_LIMIT_EXCEEDED",
                                  f"attempt {order.attempt} exceeds the limit of {self.settings.max_attempts}")
         try:
-            signed = self._sign(tx, transfer, fees)
+            signed = self._sign(tx, transfer, wallet_state)
         except _Blocked as blocked:
             return self._blocked(tx, order, blocked, first_delivery)
         except _NodeFailure as failure:
             return self._failed_before_broadcast(tx, order, failure.__cause__)
         return ledger.record_transfer(tx, order, transfer, signed, self.wallet.address)
 
-    def _sign(self, tx: Transaction, transfer: Transfer, fees: Fees | Exception | None = None) -> SignedTransfer:
-        """Check the balances, allocate the nonce and sign; the node is asked, never trusted with the key.
-
-        fees: the caps asked before the lock (or how asking failed); None to ask now.
-        """
-        if isinstance(fees, Exception):
-            raise _NodeFailure() from fees
-        chain_id = self._node(self.wallet.chain_id)
-        fees = fees or self._node(self.wallet.fees)
-        contract = transfer.asset.contract
-        if contract:
-            decimals = self._node(self.wallet.token_decimals, contract)
-            if decimals != transfer.asset.decimals:
+    def _sign(self, tx: Transaction, transfer: Transfer, wallet_state: WalletState | Exception) -> SignedTransfer:
+        """Check the balances, allocate the nonce and sign; the node is asked (before the lock), never trusted with the key."""
+        if isinstance(wallet_state, Exception):
+            raise _NodeFailure() from wallet_state
+        chain_id = self._node(self.wallet.chain_id)  # asked once per process
+        if transfer.asset.contract:
+            if wallet_state.token_decimals != transfer.asset.decimals:
                 # A wrong decimals setting would pay 10^12 times too much or too little.
-                raise _Blocked("TOKEN_DECIMALS_MISMATCH", f"{transfer.asset.symbol} contract {contract} has "
-                               f"{decimals} decimals, the configuration says {transfer.asset.decimals}", "CRITICAL")
-            held = self._node(self.wallet.token_balance, contract)
-            if held < transfer.units:
-                raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {held} base units of "
+                raise _Blocked("TOKEN_DECIMALS_MISMATCH", f"{transfer.asset.symbol} contract "
+                               f"{transfer.asset.contract} has {wallet_state.token_decimals} decimals, the "
+                               f"configuration says {transfer.asset.decimals}", "CRITICAL")
+            if wallet_state.token_units < transfer.units:
+                raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {wallet_state.token_units} base units of "
                                f"{transfer.asset.symbol}, the payout needs {transfer.units}")
-        needed = rules.eth_needed(transfer, fees)
-        held_wei, chain_nonce = self._node(self.wallet.balance_and_nonce)
-        if held_wei < needed:
-            raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {held_wei} wei, the payout needs {needed} "
-                           "(value and gas)")
-        self._resend_unsent(tx, chain_nonce)
-        nonce = rules.next_nonce(chain_nonce, ledger.highest_nonce(tx, self.wallet.address))
-        return self._node(self.wallet.sign, transfer, nonce=nonce, fees=fees, chain_id=chain_id)
+        needed = rules.eth_needed(transfer, wallet_state.fees)
+        if wallet_state.wei < needed:
+            raise _Blocked("INSUFFICIENT_FUNDS", f"host wallet holds {wallet_state.wei} wei, the payout needs "
+                           f"{needed} (value and gas)")
+        self._resend_unsent(tx, wallet_state.chain_nonce)
+        nonce = rules.next_nonce(wallet_state.chain_nonce, ledger.highest_nonce(tx, self.wallet.address))
+        return self._node(self.wallet.sign, transfer, nonce=nonce, fees=wallet_state.fees, chain_id=chain_id)
 
     def _resend_unsent(self, tx: Transaction, chain_nonce: int) -> None:
         """Rebroadcast recorded transfers the node does not count yet, so the new nonce does not wait behind a gap.
 
         Such a transfer was committed but never reached the node (the process died in between) or
-        the node dropped it; its own redelivery would resend it too, but may never come.
+        the node dropped it; its own redelivery would resend it too, but may never come. Only transfers
+        recorded at least unsent_after_s ago are looked at: a younger one is, in all likelihood, being
+        broadcast by its own delivery right now, and asking the node about it, under the lock that every
+        payout waits for, cost a round trip (and often a futile rebroadcast) per payout in flight.
         """
-        for recorded in ledger.unsent_candidates(tx, self.wallet.address, chain_nonce):
+        for recorded in ledger.unsent_candidates(tx, self.wallet.address, chain_nonce, self.settings.unsent_after_s):
             try:
                 if recorded.signed_tx and not self.wallet.knows(recorded.tx_hash):
                     self.wallet.broadcast(recorded.signed_tx)

@@ -62,12 +62,13 @@ def highest_nonce(tx: Transaction, sender: str) -> int | None:
     return tx.fetchvalue("SELECT max(nonce) FROM split_payout_hostpay WHERE sender_address = %s", (sender,))
 
 
-def unsent_candidates(tx: Transaction, sender: str, from_nonce: int) -> list[RecordedTransfer]:
-    """Recorded, unconfirmed transfers at or above a nonce the node does not count yet (never broadcast or dropped)."""
+def unsent_candidates(tx: Transaction, sender: str, from_nonce: int, older_than_s: int) -> list[RecordedTransfer]:
+    """Recorded, unconfirmed transfers at or above a nonce the node does not count yet (never broadcast or
+    dropped), recorded at least older_than_s seconds ago."""
     rows = tx.fetchall(
-        f"SELECT {_TRANSFER_COLUMNS} FROM split_payout_hostpay "
-        "WHERE sender_address = %s AND tx_status = %s AND nonce >= %s ORDER BY nonce",
-        (sender, PENDING, from_nonce))
+        f"SELECT {_TRANSFER_COLUMNS} FROM split_payout_hostpay WHERE sender_address = %s AND tx_status = %s "
+        "AND nonce >= %s AND created_at <= now() - make_interval(secs => %s) ORDER BY nonce",
+        (sender, PENDING, from_nonce, older_than_s))
     return [_transfer(row) for row in rows]
 
 
