@@ -73,6 +73,7 @@ from telepay_shared.testing.harness import Harness
 from telepay_shared.testing.oidc import OidcIssuer
 
 LOOPBACK = "127.0.0.1"
+TOKEN_REUSE_S = 300.0  # a minted ID token is attached to the tasks of the next five minutes (it lives an hour)
 EMULATOR_MODULE = "telepay_shared.testing.tasks_emulator"
 
 
@@ -107,14 +108,27 @@ def install_cloud_tasks_fidelity(server_module) -> None:
 def install_oidc_tokens(server_module, issuer: OidcIssuer) -> None:
     """Patch the emulator so a task with an oidc_token is delivered with the ID token Cloud Tasks would attach."""
     make_task_request = server_module._make_task_request
+    minted: dict[tuple[str, str], tuple[float, str]] = {}  # (audience, account) -> (minted at, token)
+    minting = threading.Lock()
+
+    def token_for(audience: str, account: str) -> str:
+        """An unexpired ID token for the account and audience: one is minted per TOKEN_REUSE_S, not per task
+        (an RSA signature each), as Google's token sources reuse theirs; each is valid far longer."""
+        now = time.monotonic()
+        with minting:
+            at, token = minted.get((audience, account), (-TOKEN_REUSE_S, ""))
+            if now - at >= TOKEN_REUSE_S:
+                token = issuer.mint(audience, account)
+                minted[(audience, account)] = (now, token)
+            return token
 
     def make_task_request_with_identity(queue_name, task, host, port):
-        """Deliver the task; one with an oidc_token carries a fresh token in a copy, so none is stored."""
+        """Deliver the task; one with an oidc_token carries a token in a copy, so none is stored."""
         http = type(task).pb(task).http_request  # the protobuf itself: proto-plus converts on every read
         identity = http.oidc_token
         if not identity.service_account_email:
             return make_task_request(queue_name, task, host, port)
-        token = issuer.mint(identity.audience or http.url, identity.service_account_email)
+        token = token_for(identity.audience or http.url, identity.service_account_email)
         signed = copy.deepcopy(task)
         type(signed).pb(signed).http_request.headers["Authorization"] = "Bearer " + token
         return make_task_request(queue_name, signed, host, port)
