@@ -19,7 +19,7 @@ from telepay_shared.testing.evm import LocalChain
 from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
 
 from services.gchostpay3.app import CONFIG_PATH, create_app
-from services.gchostpay3.wallet import Wallet
+from services.gchostpay3.wallet import FEES_REUSED_S, Wallet
 
 pytest_plugins = ["telepay_shared.testing.pytest_plugin"]
 T12 = VECTORS["hops"]["gchostpay1->gchostpay3"]
@@ -207,6 +207,22 @@ def test_the_node_is_asked_once_what_cannot_change_and_no_more_than_each_payout_
         assert requests.count(["eth_getBalance", "eth_getTransactionCount"]) == 1
         assert "eth_getTransactionByHash" not in methods and methods.count("eth_sendRawTransaction") == 1
     completions(deliveries, 2)
+
+
+def test_a_fee_quote_serves_the_payouts_of_the_next_two_seconds(build, chain, deliveries):
+    """A burst of payouts asks the node for fees once; a quote older than FEES_REUSED_S is asked again."""
+    asked: list[str] = []
+    wallet = Wallet(chain.w3, chain.host_private_key, chain.host_address)
+    now = [1000.0]
+    wallet.clock = lambda: now[0]
+    quote = wallet._fees_now
+    wallet._fees_now = lambda: (asked.append("eth_feeHistory"), quote())[1]
+    service = build(wallet=wallet)
+    for step_s in (0.0, FEES_REUSED_S - 0.01, 0.01):
+        now[0] += step_s
+        assert post(service, t12(new_payin())).status_code == 200
+    assert asked == ["eth_feeHistory", "eth_feeHistory"]  # the first and the third payout
+    completions(deliveries, 3)
 
 
 # --------------------------------------------------------------------------- never twice (defects 11-13)

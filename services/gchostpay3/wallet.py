@@ -37,6 +37,9 @@ ERC20_ABI = [
 ]
 FEE_PERCENTILES = [25, 50, 75]
 RECEIPT_POLL_S = 0.25
+# A fee quote serves the payouts of the next FEES_REUSED_S: a block lasts 12 s and the caps allow twice the
+# base fee, so a quote this fresh pays as surely as a new one, and a burst of payouts asks the node once.
+FEES_REUSED_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class Wallet:
         self._decimals: dict[str, int] = {}
         self._tokens: dict[str, Any] = {}
         self._batches = True  # until the provider says it has no JSON-RPC batches
+        self._fees: tuple[float, Fees] | None = None  # (when asked, the quote)
+        self.clock = time.monotonic
 
     @classmethod
     def from_config(cls, config, w3: Web3 | None = None) -> Wallet:
@@ -155,7 +160,17 @@ class Wallet:
         return self._decimals[contract]
 
     def fees(self) -> Fees:
-        """EIP-1559 caps from the latest fee history, else from the gas price (spec §7.5)."""
+        """EIP-1559 caps from the latest fee history, else from the gas price (spec §7.5); a quote at most
+        FEES_REUSED_S old is reused."""
+        if self._fees is not None and self.clock() - self._fees[0] < FEES_REUSED_S:
+            return self._fees[1]
+        asked = self.clock()
+        fees = self._fees_now()
+        self._fees = (asked, fees)
+        return fees
+
+    def _fees_now(self) -> Fees:
+        """The caps from the node now."""
         base_fee = median_tip = None
         try:
             history = self.w3.eth.fee_history(1, "latest", FEE_PERCENTILES)

@@ -32,7 +32,7 @@ from tools.devstack import wiring
 
 ETH_STEP = Decimal("0.00000001")
 SCHEDULER_EVERY_S = 1.0  # how often a waiting payment makes the stack run a scheduler job
-POLL_S, BUSY_POLL_S = 0.05, 0.25
+POLL_S, BUSY_POLL_S = 0.05, 1.0
 SENDERS = 8  # notifications sent at once
 
 
