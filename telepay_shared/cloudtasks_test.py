@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 
+import google.oauth2.id_token
 import pytest
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exceptions
@@ -194,6 +195,22 @@ def test_oidc_token_is_set_with_the_target_origin_as_audience(tasks_emulator, qu
     assert created.http_request.oidc_token.audience == "https://gcsplit1-abc-uc.a.run.app"
     assert created.http_request.http_method == tasks_v2.HttpMethod.POST
     assert created.http_request.url == "https://gcsplit1-abc-uc.a.run.app/batch-payout?x=1"
+
+
+def test_delivered_tasks_carry_an_id_token_of_the_emulators_issuer_reused_across_tasks(tasks_emulator, queue,
+                                                                                        deliveries, oidc_issuer):
+    """As Cloud Tasks does, each delivery carries Authorization: Bearer <ID token> for the account and the
+    audience; one token is minted per account and audience and reused while it is young."""
+    tasks = cloudtasks.TasksClient(PROJECT, LOCATION, emulator_host=tasks_emulator.host,
+                                   oidc_service_account=SERVICE_ACCOUNT)
+    for number in range(2):
+        tasks.enqueue(queue, deliveries.url(f"/hop?n={number}"), {"token": "t"}, idempotency_key=f"oidc-{number}")
+    got = deliveries.expect_exactly(2, quiet_s=0.3)
+    bearer = {d.headers["authorization"] for d in got}
+    assert len(bearer) == 1  # minted once for both tasks
+    claims = google.oauth2.id_token.verify_token(bearer.pop().removeprefix("Bearer "), oidc_issuer.transport(),
+                                                 audience=cloudtasks.audience_for(deliveries.url()), certs_url="http://certs")
+    assert (claims["email"], claims["email_verified"]) == (SERVICE_ACCOUNT, True)
 
 
 def test_no_oidc_token_without_a_service_account(tasks, queue):

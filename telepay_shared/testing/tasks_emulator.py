@@ -52,7 +52,6 @@ Version notes:
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import secrets
@@ -124,14 +123,15 @@ def install_oidc_tokens(server_module, issuer: OidcIssuer) -> None:
 
     def make_task_request_with_identity(queue_name, task, host, port):
         """Deliver the task; one with an oidc_token carries a token in a copy, so none is stored."""
-        http = type(task).pb(task).http_request  # the protobuf itself: proto-plus converts on every read
-        identity = http.oidc_token
+        stored = type(task).pb(task)  # the protobuf itself: proto-plus converts on every read
+        identity = stored.http_request.oidc_token
         if not identity.service_account_email:
             return make_task_request(queue_name, task, host, port)
-        token = token_for(identity.audience or http.url, identity.service_account_email)
-        signed = copy.deepcopy(task)
-        type(signed).pb(signed).http_request.headers["Authorization"] = "Bearer " + token
-        return make_task_request(queue_name, signed, host, port)
+        token = token_for(identity.audience or stored.http_request.url, identity.service_account_email)
+        signed = type(stored)()
+        signed.CopyFrom(stored)  # a protobuf copy: proto-plus's deepcopy walks every field in Python
+        signed.http_request.headers["Authorization"] = "Bearer " + token
+        return make_task_request(queue_name, type(task).wrap(signed), host, port)
 
     server_module._make_task_request = make_task_request_with_identity
 
