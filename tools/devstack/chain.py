@@ -25,12 +25,12 @@ from eth.db.atomic import AtomicDB
 from eth.db.backends.memory import MemoryDB
 from eth.exceptions import TransactionNotFound as NotIndexed
 from eth_account import Account
-from eth_keys import backends as ecc_backends
 from eth_keys.datatypes import Signature
 from eth_tester.backends.pyevm import main as pyevm_backend
 from eth_tester.exceptions import TransactionNotFound
 
 from telepay_shared.testing.evm import LocalChain, Token
+from tools.devstack.ecc import decide_ecc_backend_once
 from tools.devstack.persist import wait_for_termination, write_atomically
 
 # Methods that change chain state: journaled, in order, so a replay rebuilds the same chain.
@@ -40,7 +40,7 @@ TRANSFER_EVENT = 0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b
 TRANSFERS_METHOD = "devstack_transfers"  # [first, last] -> the transfers mined in those blocks
 WAIT_METHOD = "devstack_waitForBlock"  # [after, timeout_s] -> the head, once past `after` (a long poll)
 MAX_WAIT_S = 30.0
-RECOVERED_KEYS_KEPT = 1 << 16  # senders of the most recent transactions, each recovered once (~5 ms apiece)
+RECOVERED_KEYS_KEPT = 1 << 16  # senders of the most recent transactions, each recovered once (~1 ms apiece)
 
 log = logging.getLogger("devstack.chain")
 
@@ -68,22 +68,10 @@ def _index_transaction_lookups() -> None:
     pyevm_backend._get_transaction_by_hash = lookup
 
 
-def decide_ecc_backend_once() -> None:
-    """Ask once per process whether coincurve is installed, not at every signature and recovery.
-
-    eth_keys asks afresh each time; without coincurve (none is built for CPython 3.14) the answer is
-    a failed import that searches the whole, long import path: ~2 ms per signature, more than the
-    pure-Python signature itself costs in some calls. Whether a module is installed cannot change
-    while the process runs.
-    """
-    if not hasattr(ecc_backends.is_coincurve_available, "cache_info"):
-        ecc_backends.is_coincurve_available = functools.cache(ecc_backends.is_coincurve_available)
-
-
 def _recover_once() -> None:
     """Recover each signature's public key once: eth-tester formats every receipt and transaction it
-    answers with its sender, recovered again from the signature each time (~5 ms of pure-Python
-    elliptic-curve arithmetic), and GCHostPay3 polls receipts. Recovery is a pure function of the
+    answers with its sender, recovered again from the signature each time (~1 ms with ecc.py's
+    backend, ~5 ms in pure Python), and GCHostPay3 polls receipts. Recovery is a pure function of the
     signature and the signed hash, so a remembered answer is the same answer.
     """
     recover = Signature.recover_public_key_from_msg_hash
@@ -215,7 +203,7 @@ def serve_chain(args: argparse.Namespace) -> None:
     folder = Path(args.state)
     folder.mkdir(parents=True, exist_ok=True)
     _index_transaction_lookups()
-    decide_ecc_backend_once()
+    decide_ecc_backend_once()  # fastecdsa's arithmetic for every sender recovery (ecc.py)
     _recover_once()
     chain = DurableChain(folder)
     server = chain.serve_json_rpc(args.port)

@@ -9,18 +9,62 @@ restarts (persist.SavedState); a deposit mined while the stand-in was down is se
 from __future__ import annotations
 
 import argparse
+import http.client
+import itertools
 import json
 import logging
+import select
 import threading
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD, decide_ecc_backend_once
+from eth_abi import encode as abi_encode
+from eth_utils import function_signature_to_4byte_selector, to_checksum_address
+
+from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
+from tools.devstack.ecc import decide_ecc_backend_once
 from tools.devstack.persist import SavedState, wait_for_termination
 
 LOOPBACK = "127.0.0.1"
+MINT_SELECTOR = function_signature_to_4byte_selector("mint(address,uint256)")  # TestToken.sol's: payouts are minted
 
 log = logging.getLogger("devstack.changenow")
+
+
+class ChainRpc:
+    """JSON-RPC calls to the dev chain on one kept-alive HTTP connection, for the deposit watcher's thread.
+
+    web3's HTTPProvider costs about as much CPU per call as signing a payout (its middleware, result
+    formatters and requests' session); this stand-in only posts a few known methods and reads raw
+    JSON answers. A connection the chain closed (it restarted) is dropped before it is used, as
+    requests' pool does; a failed call closes it too: the next call connects afresh. (http.client
+    turns Nagle off, as requests does: the body, sent after the headers, is not held back.)
+    """
+
+    HEADERS = {"Content-Type": "application/json"}
+
+    def __init__(self, url: str, timeout_s: float):
+        parts = urlsplit(url)
+        self.path = parts.path or "/"
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+        self.ids = itertools.count(1)
+
+    def call(self, method: str, params: list):
+        """The result of one call; RuntimeError with the chain's error object when it refuses."""
+        body = json.dumps({"jsonrpc": "2.0", "id": next(self.ids), "method": method, "params": params}).encode()
+        idle = self.connection.sock
+        if idle is not None and select.select([idle], [], [], 0)[0]:  # readable between calls: closed by the chain
+            self.connection.close()
+        try:
+            self.connection.request("POST", self.path, body, self.HEADERS)
+            answer = json.loads(self.connection.getresponse().read())
+        except Exception:
+            self.connection.close()
+            raise
+        if "error" in answer:
+            raise RuntimeError(f"{method}: {answer['error']}")
+        return answer["result"]
 
 
 class Settlement:
@@ -36,20 +80,16 @@ class Settlement:
 
     def __init__(self, standin, chain_info: dict, next_block: int | None, pay_out: bool = True):
         from eth_account import Account
-        from web3 import Web3
-
-        from telepay_shared.testing.evm import token_artefact
 
         self.standin = standin
-        self.w3 = Web3(Web3.HTTPProvider(chain_info["rpc_url"], request_kwargs={"timeout": 30}))
+        self.rpc = ChainRpc(chain_info["rpc_url"], timeout_s=30)
         self.funder = Account.from_key(chain_info["funder_private_key"])
         self.chain_id = chain_info["chain_id"]
-        self.nonce = self.w3.eth.get_transaction_count(self.funder.address, "pending")
-        self.tokens = {symbol: (Web3.to_checksum_address(t["address"]), t["decimals"])
+        self.nonce = self._pending_nonce()
+        self.tokens = {symbol: (to_checksum_address(t["address"]), t["decimals"])
                        for symbol, t in chain_info["tokens"].items()}
         self.by_address = {address.lower(): symbol for symbol, (address, _) in self.tokens.items()}
-        self.token_contract = self.w3.eth.contract(abi=token_artefact()["abi"])
-        self.next_block = self.w3.eth.block_number + 1 if next_block is None else next_block
+        self.next_block = int(self._call("eth_blockNumber", []), 16) + 1 if next_block is None else next_block
         self.pays_out = pay_out
         self.stopping = threading.Event()
 
@@ -89,11 +129,12 @@ class Settlement:
         return found
 
     def _call(self, method: str, params: list):
-        """One of the dev chain's own JSON-RPC methods (chain.py)."""
-        answer = self.w3.provider.make_request(method, params)
-        if "error" in answer:
-            raise RuntimeError(f"{method}: {answer['error']}")
-        return answer["result"]
+        """One JSON-RPC call to the chain (the dev chain's own methods too, chain.py)."""
+        return self.rpc.call(method, params)
+
+    def _pending_nonce(self) -> int:
+        """The funder's next nonce, as the chain counts it."""
+        return int(self._call("eth_getTransactionCount", [self.funder.address, "pending"]), 16)
 
     def _waiting_exchanges(self) -> dict[tuple[str, str], str]:
         """(payin address, currency) -> id of every exchange still waiting for its deposit."""
@@ -127,11 +168,12 @@ class Settlement:
         """Send the payout on the chain when it is ETH or a test token on the eth network; its hash."""
         if not self.pays_out or network != "eth" or amount <= 0 or (currency != "eth" and currency not in self.tokens):
             return None
-        to = self.w3.to_checksum_address(address)
+        to = to_checksum_address(address)
         if currency == "eth":
             return self._send({"to": to, "value": _base_units(amount, 18), "gas": 21000})
         token, decimals = self.tokens[currency]
-        data = self.token_contract.encode_abi("mint", args=[to, _base_units(amount, decimals)])
+        # ABI-encoded here: web3's contract encoder re-reads the whole ABI for every call.
+        data = MINT_SELECTOR + abi_encode(["address", "uint256"], [to, _base_units(amount, decimals)])
         return self._send({"to": token, "value": 0, "gas": 100_000, "data": data})
 
     def _send(self, transaction: dict) -> str:
@@ -139,12 +181,12 @@ class Settlement:
         signed = self.funder.sign_transaction({**transaction, **self.PAYOUT_FEES, "nonce": self.nonce,
                                                "chainId": self.chain_id, "type": 2})
         try:
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            tx_hash = self._call("eth_sendRawTransaction", [signed.raw_transaction.to_0x_hex()])
         except Exception:
-            self.nonce = self.w3.eth.get_transaction_count(self.funder.address, "pending")
+            self.nonce = self._pending_nonce()
             raise
         self.nonce += 1
-        return tx_hash.to_0x_hex()
+        return tx_hash
 
 
 def _base_units(amount: Decimal, decimals: int) -> int:
@@ -156,7 +198,7 @@ def serve_changenow(args: argparse.Namespace) -> None:
     """Serve the ChangeNOW stand-in and settle its exchanges from the chain."""
     from telepay_shared.standins.changenow import ChangeNowStandIn
 
-    decide_ecc_backend_once()  # the watcher signs every payout
+    decide_ecc_backend_once()  # the watcher signs every payout: fastecdsa's arithmetic (ecc.py)
     standin = ChangeNowStandIn(api_key=args.api_key, host=LOOPBACK, port=args.port)
     chain_info = json.loads(Path(args.chain_info).read_text())
     state = SavedState(Path(args.state), lambda: {"exchanges": standin.exchanges, "next_block": settlement.next_block},
