@@ -18,6 +18,7 @@ from telepay_shared import errors, hops, tokens
 from telepay_shared.testing.evm import LocalChain
 from telepay_shared.testing.pytest_plugin import KEYS, VECTORS
 
+from services.gchostpay3 import ledger
 from services.gchostpay3.app import CONFIG_PATH, create_app
 from services.gchostpay3.wallet import FEES_REUSED_S, Wallet
 
@@ -363,6 +364,25 @@ def test_confirmation_timeout_answers_503_and_the_next_delivery_finds_the_receip
     assert chain.nonce(chain.host_address) == 1 and chain.eth_balance(payin) == 4_462_000_000_000_000
     [t14] = completions(deliveries)
     assert t14["tx_hash"] == row["tx_hash"]
+
+
+def test_settling_a_recorded_transfer_does_not_wait_for_the_wallet_lock(service, chain, database, deliveries):
+    """While another payout holds the wallet's lock (signing), a mined transfer is still recorded and reported."""
+    payin = new_payin()
+    token = t12(payin)
+    with chain.mining_paused():
+        assert post(service, token).status_code == 503  # broadcast, not mined yet
+        chain.mine()
+    answers = []
+    with database.transaction() as signing_elsewhere:
+        ledger.lock_wallet(signing_elsewhere, chain.host_address)
+        settling = threading.Thread(target=lambda: answers.append(post(service, token, retry_count=1)))
+        settling.start()
+        settling.join(15)
+        assert not settling.is_alive() and answers[0].status_code == 200, answers
+    [row] = transfers(database)
+    assert (row["tx_status"], row["is_complete"]) == ("success", True)
+    assert completions(deliveries)[0]["tx_hash"] == row["tx_hash"]
 
 
 def test_failed_report_after_the_transfer_is_retried_without_paying_again(build, chain, database, deliveries, tasks):

@@ -16,6 +16,8 @@ re-signed with a fresh nonce on a timeout, so one payout could be paid two or th
    recorded hash, rebroadcast the recorded bytes if the node does not have them, wait a few
    seconds. Mined with status 1: mark the row complete and send T14 to GCHostPay1; status 0:
    record the failure for review and alert. Still unmined: 503, and Cloud Tasks comes back.
+   These records are written under the payout's own advisory lock, not the wallet's: they decide
+   no nonce, and every payout's settling would otherwise queue behind every other one's signing.
 
 Failures before anything was signed are retried with a T13 self-retry (attempt_count + 1, 60 s)
 when the classifier says trying again can help; after the last attempt, or when it cannot help,
@@ -137,14 +139,21 @@ class PaymentExecutor:
         try:
             transfer = rules.transfer_for(order, self.assets)
         except rules.InvalidOrder as invalid:
-            with self._locked() as tx:
+            with self._payout_locked(order.unique_id) as tx:
                 outcome = self._give_up(tx, order, invalid.error_code, invalid.message)
             self._announce(order, outcome)
             raise
-        wallet_state = self._wallet_state_before_lock(transfer)
-        with self._locked() as tx:
+        # A redelivery (Cloud Tasks comes back until the transfer is mined) finds its transfer without
+        # queueing for the wallet's lock; rows are only ever added, so "none" is asked again under it.
+        with self.db.transaction() as tx:
             recorded = ledger.find_transfer(tx, order.unique_id)
-            started = recorded or self._start(tx, order, transfer, first_delivery, wallet_state)
+        if recorded is None:
+            wallet_state = self._wallet_state_before_lock(transfer)
+            with self._wallet_locked(order.unique_id) as tx:
+                recorded = ledger.find_transfer(tx, order.unique_id)
+                started = recorded or self._start(tx, order, transfer, first_delivery, wallet_state)
+        else:
+            started = recorded
         if isinstance(started, Outcome):
             return self._announce(order, started)
         return self._announce(order, self._settle(order, started, first_delivery, fresh=recorded is None))
@@ -185,7 +194,8 @@ class PaymentExecutor:
         return ledger.record_transfer(tx, order, transfer, signed, self.wallet.address)
 
     def _sign(self, tx: Transaction, transfer: Transfer, wallet_state: WalletState | Exception) -> SignedTransfer:
-        """Check the balances, allocate the nonce and sign; the node is asked (before the lock), never trusted with the key."""
+        """Check the balances, allocate the nonce and sign; the node was asked before the lock, and is never
+        trusted with the key."""
         if isinstance(wallet_state, Exception):
             raise _NodeFailure() from wallet_state
         chain_id = self._node(self.wallet.chain_id)  # asked once per process
@@ -262,17 +272,18 @@ class PaymentExecutor:
             return self._completed(order, recorded.tx_hash, recorded.gas_used or 0, recorded.block_number or 0,
                                    already=True)
         if recorded.tx_status in (ledger.REVERTED, ledger.FAILED):
-            with self._locked() as tx:  # recorded already when it failed: no second row, no second alert
+            # Recorded already when it failed: no second row, no second alert.
+            with self._payout_locked(order.unique_id) as tx:
                 return self._give_up(tx, order, f"TRANSFER_{recorded.tx_status.upper()}",
                                      f"transfer {recorded.tx_hash} is {recorded.tx_status}; not sent again")
         if not recorded.tx_hash:  # a row without a transaction: nobody can tell what was sent
-            with self._locked() as tx:
+            with self._payout_locked(order.unique_id) as tx:
                 return self._give_up(tx, order, "UNKNOWN_TRANSFER_STATE",
                                      "split_payout_hostpay has an unfinished row without tx_hash; not sent")
         try:
             receipt = self._confirmation(recorded, fresh)
         except _NonceConsumed as consumed:
-            with self._locked() as tx:
+            with self._payout_locked(order.unique_id) as tx:
                 ledger.mark_failed(tx, recorded.unique_id)
                 return self._give_up(tx, order, "NONCE_CONFLICT", str(consumed), self._tx_details(recorded))
         except errors.TelePayError:
@@ -281,7 +292,7 @@ class PaymentExecutor:
             return self._unsent(order, recorded, exc, first_delivery)
         if receipt is None:
             return self._unconfirmed(order, recorded)
-        with self._locked() as tx:
+        with self._payout_locked(order.unique_id) as tx:
             ledger.mark_mined(tx, recorded.unique_id, receipt)
             if receipt.status != 1:
                 return self._give_up(tx, order, "TRANSACTION_REVERTED_PERMANENT",
@@ -317,7 +328,7 @@ class PaymentExecutor:
     def _unconfirmed(self, order: Order, recorded: RecordedTransfer) -> Outcome:
         """Not mined yet: 503 so Cloud Tasks comes back, until the token is about to expire."""
         if rules.review_due(order, self.clock(), self.settings.review_after_s):
-            with self._locked() as tx:
+            with self._payout_locked(order.unique_id) as tx:
                 return self._give_up(tx, order, "CONFIRMATION_TIMEOUT",
                                      f"transfer {recorded.tx_hash} (nonce {recorded.nonce}) is still not mined; "
                                      "check it on chain before anything is sent again",
@@ -330,7 +341,7 @@ class PaymentExecutor:
         failure = rules.classify(exc)
         message = self.redact(f"transfer {recorded.tx_hash}: {type(exc).__name__}: {exc}")[:1000]
         if rules.review_due(order, self.clock(), self.settings.review_after_s):
-            with self._locked() as tx:
+            with self._payout_locked(order.unique_id) as tx:
                 return self._give_up(tx, order, failure.code, message, self._tx_details(recorded),
                                      status=PENDING_REVIEW)
         if failure.code == "INSUFFICIENT_FUNDS":
@@ -392,8 +403,21 @@ class PaymentExecutor:
             raise _NodeFailure() from exc
 
     @contextmanager
-    def _locked(self) -> Iterator[Transaction]:
-        """A transaction holding the host wallet's advisory lock."""
+    def _wallet_locked(self, unique_id: str) -> Iterator[Transaction]:
+        """A transaction holding the host wallet's advisory lock (every new transfer's decision), then the payout's."""
         with self.db.transaction() as tx:
             ledger.lock_wallet(tx, self.wallet.address)
+            ledger.lock_payout(tx, unique_id)
+            yield tx
+
+    @contextmanager
+    def _payout_locked(self, unique_id: str) -> Iterator[Transaction]:
+        """A transaction holding one payout's advisory lock: enough to settle a recorded transfer.
+
+        Settling (receipt recorded, review records written once) decides nothing about the wallet's
+        nonces, so it does not queue behind every other payout's signing for the wallet's lock; the
+        payout's own lock keeps two deliveries of it from recording the same outcome twice.
+        """
+        with self.db.transaction() as tx:
+            ledger.lock_payout(tx, unique_id)
             yield tx

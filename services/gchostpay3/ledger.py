@@ -51,6 +51,11 @@ def lock_wallet(tx: Transaction, sender: str) -> None:
     tx.advisory_lock(f"gchostpay3:wallet:{sender.lower()}")
 
 
+def lock_payout(tx: Transaction, unique_id: str) -> None:
+    """Serialise the deliveries of one payout (its records and alerts) until commit."""
+    tx.advisory_lock(f"gchostpay3:payout:{unique_id}")
+
+
 def find_transfer(tx: Transaction, unique_id: str) -> RecordedTransfer | None:
     """The transfer recorded for a payout, if any."""
     row = tx.fetchone(f"SELECT {_TRANSFER_COLUMNS} FROM split_payout_hostpay WHERE unique_id = %s", (unique_id,))
