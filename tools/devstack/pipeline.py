@@ -204,7 +204,11 @@ _CREDIT = "JOIN payout_accumulation a ON a.nowpayments_payment_id = p.payment_id
 
 def _payout_hops(payout_key: str, joins: str = "") -> tuple[Hop, ...]:
     """GCSplit1's keyed payout (payout_key: SQL of its idempotency key) from quote to finished exchange."""
-    request = f"{joins} JOIN split_payout_request r ON r.idempotency_key = {payout_key}"
+    # One index lookup per followed payment: a plain join on the computed key read the whole table (a
+    # hash join) every poll, and the table gains a row per payment (OFFSET 0 keeps the planner from
+    # flattening the lateral lookup back into that join).
+    request = (f"{joins} JOIN LATERAL (SELECT * FROM split_payout_request WHERE idempotency_key = {payout_key}"
+               " OFFSET 0) r ON TRUE")
     transfer = f"{request} JOIN split_payout_hostpay h ON h.unique_id = r.unique_id"
     return (
         Hop("quoted", "gcsplit1+2",
