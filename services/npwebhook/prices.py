@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 from decimal import Decimal
 
 import requests
@@ -19,6 +22,10 @@ log = logging.getLogger(__name__)
 
 COINGECKO_API_URL = "https://api.coingecko.com/api/v3"
 TIMEOUT_S = 10  # legacy's; NowPayments waits longer than this for the IPN answer
+# One price serves the notifications of the next PRICE_REUSED_S: CoinGecko's public API refreshes its
+# prices about once a minute and allows a few dozen calls a minute, so asking once per payment bought no
+# fresher price and, past a payment every few seconds, only 429s (answered 503, retried by NowPayments).
+PRICE_REUSED_S = 30.0
 # NowPayments ticker -> CoinGecko coin id: legacy np-webhook's map plus the coins GCWebhook2 knew.
 COIN_IDS = {
     "eth": "ethereum", "btc": "bitcoin", "usdt": "tether", "usdc": "usd-coin", "ltc": "litecoin",
@@ -35,10 +42,13 @@ class CoinGeckoPrices:
     """CoinGecko's /simple/price over HTTP; any object with usd_price(currency) can stand in for it."""
 
     def __init__(self, base_url: str = COINGECKO_API_URL, timeout_s: float = TIMEOUT_S,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, clock: Callable[[], float] = time.monotonic):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        self.clock = clock
+        self._known: dict[str, tuple[float, Decimal]] = {}  # coin -> (when asked, USD price)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config) -> "CoinGeckoPrices":
@@ -46,10 +56,23 @@ class CoinGeckoPrices:
         return cls(config.get("COINGECKO_API_URL") or COINGECKO_API_URL)
 
     def usd_price(self, currency: str) -> Decimal:
-        """The price of one unit of `currency` in USD; PriceUnavailable when there is none."""
+        """The price of one unit of `currency` in USD, asked at most PRICE_REUSED_S ago; PriceUnavailable when
+        there is none (a failure is not remembered: the next notification asks again)."""
         coin = COIN_IDS.get(currency.lower())
         if coin is None:
             raise PriceUnavailable(f"no USD price source for {currency!r}", currency=currency)
+        with self._lock:
+            asked_at, price = self._known.get(coin, (None, None))
+        if asked_at is not None and self.clock() - asked_at < PRICE_REUSED_S:
+            return price
+        asked_at = self.clock()
+        price = self._ask(coin, currency)
+        with self._lock:
+            self._known[coin] = (asked_at, price)
+        return price
+
+    def _ask(self, coin: str, currency: str) -> Decimal:
+        """CoinGecko's current USD price of the coin."""
         try:
             answer = self.session.get(f"{self.base_url}/simple/price", params={"ids": coin, "vs_currencies": "usd"},
                                       timeout=self.timeout_s)

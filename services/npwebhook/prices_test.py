@@ -8,7 +8,7 @@ import pytest
 from telepay_shared.testing.tasks_emulator import free_port
 
 from services.npwebhook.coingecko_standin import CoinGeckoStandIn
-from services.npwebhook.prices import COINGECKO_API_URL, CoinGeckoPrices, PriceUnavailable
+from services.npwebhook.prices import COINGECKO_API_URL, PRICE_REUSED_S, CoinGeckoPrices, PriceUnavailable
 
 
 @pytest.fixture
@@ -20,6 +20,26 @@ def coingecko():
 def test_price_is_read_digit_for_digit(coingecko):
     assert CoinGeckoPrices(coingecko.url).usd_price("ETH") == Decimal("3000.12")
     assert coingecko.requests_seen == [{"ids": ["ethereum"], "vs_currencies": ["usd"]}]
+
+
+def test_a_price_serves_the_next_thirty_seconds_then_is_asked_again(coingecko):
+    now = [500.0]
+    prices = CoinGeckoPrices(coingecko.url, clock=lambda: now[0])
+    seen = []
+    for step_s in (0.0, PRICE_REUSED_S - 0.01, 0.01):
+        now[0] += step_s
+        seen.append(prices.usd_price("eth"))
+    assert seen == [Decimal("3000.12")] * 3
+    assert len(coingecko.requests_seen) == 2  # the first and the third notification asked
+    assert prices.usd_price("btc") > 0 and len(coingecko.requests_seen) == 3  # each coin has its own price
+
+
+def test_a_failed_lookup_is_not_remembered(coingecko):
+    prices = CoinGeckoPrices(coingecko.url)
+    coingecko.fail_next(500)
+    with pytest.raises(PriceUnavailable):
+        prices.usd_price("eth")
+    assert prices.usd_price("eth") == Decimal("3000.12") and len(coingecko.requests_seen) == 2
 
 
 def test_unknown_currency_is_unavailable_without_asking(coingecko):
