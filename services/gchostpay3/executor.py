@@ -4,7 +4,8 @@ Legacy sent first and recorded afterwards, retried failures that happened after 
 re-signed with a fresh nonce on a timeout, so one payout could be paid two or three times (defects
 11-13). Here, for one unique_id:
 
-1. Under a transaction-scoped advisory lock on the host wallet, look up split_payout_hostpay.
+1. Look up split_payout_hostpay (a redelivery finds its transfer without queueing for the wallet);
+   none: take the host wallet's transaction-scoped advisory lock and look again.
 2. No row: check the order and the wallet's balances, allocate the nonce (past the node's pending
    nonce and every nonce we recorded), sign, INSERT the row with nonce, tx_hash and the signed bytes,
    COMMIT. Only then broadcast. The node is asked (fees, balances, pending nonce) before the lock is
@@ -94,6 +95,7 @@ class Settings:
 class WalletState:
     """The node's answers a new transfer is decided on (token fields: None for ETH)."""
 
+    chain_id: int
     fees: Fees
     wei: int
     chain_nonce: int
@@ -161,11 +163,11 @@ class PaymentExecutor:
     # ------------------------------------------------------------------ a new transfer
 
     def _wallet_state_before_lock(self, transfer: Transfer) -> WalletState | Exception:
-        """What the node says about the wallet (fees, balances, pending nonce), asked before the wallet lock is
+        """What the node says about the wallet (chain, fees, balances, pending nonce), asked before the wallet lock is
         taken (module docstring, step 2). A failure is returned, to be handled under the lock like any node
         failure before signing."""
         try:
-            fees = self.wallet.fees()
+            chain_id, fees = self.wallet.chain_id(), self.wallet.fees()
             contract = transfer.asset.contract
             decimals = self.wallet.token_decimals(contract) if contract else None
             token_units = self.wallet.token_balance(contract) if contract else None
@@ -174,7 +176,7 @@ class PaymentExecutor:
             raise
         except Exception as exc:  # noqa: BLE001 - classified under the lock (_sign)
             return exc
-        return WalletState(fees, wei, chain_nonce, decimals, token_units)
+        return WalletState(chain_id, fees, wei, chain_nonce, decimals, token_units)
 
     def _start(self, tx: Transaction, order: Order, transfer: Transfer,
                first_delivery: bool, wallet_state: WalletState | Exception) -> RecordedTransfer | Outcome:
@@ -198,7 +200,6 @@ class PaymentExecutor:
         trusted with the key."""
         if isinstance(wallet_state, Exception):
             raise _NodeFailure() from wallet_state
-        chain_id = self._node(self.wallet.chain_id)  # asked once per process
         if transfer.asset.contract:
             if wallet_state.token_decimals != transfer.asset.decimals:
                 # A wrong decimals setting would pay 10^12 times too much or too little.
@@ -214,7 +215,8 @@ class PaymentExecutor:
                            f"{needed} (value and gas)")
         self._resend_unsent(tx, wallet_state.chain_nonce)
         nonce = rules.next_nonce(wallet_state.chain_nonce, ledger.highest_nonce(tx, self.wallet.address))
-        return self._node(self.wallet.sign, transfer, nonce=nonce, fees=wallet_state.fees, chain_id=chain_id)
+        return self._node(self.wallet.sign, transfer, nonce=nonce, fees=wallet_state.fees,
+                          chain_id=wallet_state.chain_id)
 
     def _resend_unsent(self, tx: Transaction, chain_nonce: int) -> None:
         """Rebroadcast recorded transfers the node does not count yet, so the new nonce does not wait behind a gap.
