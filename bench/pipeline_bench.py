@@ -14,8 +14,8 @@ Runs against the local stack (`tools/dev up` first), through the same code as `t
 Targets on the 2-core build machine: p50 < 1 s, >= 20 payments/s.
 
 Where it stands (session 3, this 2-core machine, no other work running): p50 0.07 s, p95 0.08-0.10 s
-one at a time; 200 at once 17-23 payments/s (ten runs of this command: 17.2, 17.6, 18.9, 19.1, 19.8,
-19.9, 20.1, 20.1, 20.2, 21.9; 1000 at once 19.7). The work per payment is the same in every run, yet
+one at a time; 200 at once 17-22 payments/s, median 19.9 (ten runs of this command: 17.2, 17.6, 18.9,
+19.1, 19.8, 19.9, 20.1, 20.1, 20.2, 21.9; 1000 at once 19.7; the target, 20, is not reliably met). The work per payment is the same in every run, yet
 its CPU time ranges from 84 to 120 ms, every process alike: the machine's own speed varies, and at
 this load the stack is CPU-bound (two cores / ~100 ms). Session 2 stood at 15.1/s and ~116 ms.
 What changed: GCHostPay3's wallet lock covers only the nonce decision (the node is asked before it,
