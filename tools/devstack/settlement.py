@@ -24,7 +24,7 @@ from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
 from tools.devstack.ecc import decide_ecc_backend_once
-from tools.devstack.persist import SavedState, wait_for_termination
+from tools.devstack.persist import SavedState, TrackedDict, wait_for_termination
 
 LOOPBACK = "127.0.0.1"
 MINT_SELECTOR = function_signature_to_4byte_selector("mint(address,uint256)")  # TestToken.sol's: payouts are minted
@@ -78,7 +78,8 @@ class Settlement:
 
     WAIT_S = 1.0  # the longest a watch for a new block lasts: how late a stop can be noticed
 
-    def __init__(self, standin, chain_info: dict, next_block: int | None, pay_out: bool = True):
+    def __init__(self, standin, chain_info: dict, next_block: int | None, pay_out: bool = True,
+                 on_settled=lambda: None):
         from eth_account import Account
 
         self.standin = standin
@@ -92,6 +93,9 @@ class Settlement:
         self.next_block = int(self._call("eth_blockNumber", []), 16) + 1 if next_block is None else next_block
         self.pays_out = pay_out
         self.stopping = threading.Event()
+        # Called once the blocks' exchanges are settled and next_block is past them: the stand-in
+        # saves then, so a crash right after a payout does not settle (and pay) the deposit again.
+        self.on_settled = on_settled
 
     def run(self) -> None:
         """Look at every new block, in order, as soon as it is mined, until stopped; errors are logged
@@ -100,22 +104,27 @@ class Settlement:
             try:
                 head = self._call(WAIT_METHOD, [self.next_block - 1, self.WAIT_S])
                 if head >= self.next_block:
-                    self._settle_blocks(self.next_block, head)
+                    settled = self._settle_blocks(self.next_block, head)
                     self.next_block = head + 1
+                    if settled:
+                        self.on_settled()
             except Exception:
                 log.exception("deposit watcher failed; retrying")
                 self.stopping.wait(1.0)
 
-    def _settle_blocks(self, first: int, last: int) -> None:
-        """Settle every exchange whose deposit landed in blocks first..last."""
+    def _settle_blocks(self, first: int, last: int) -> int:
+        """Settle every exchange whose deposit landed in blocks first..last; how many were."""
         deposits = [transfer for transfer in self._transfers(first, last) if transfer[1] is not None]
         if not deposits:
-            return
+            return 0
         waiting = self._waiting_exchanges()
+        settled = 0
         for address, currency, amount in deposits:
             exchange_id = waiting.get((address, currency))
             if exchange_id is not None:
                 self._settle(exchange_id, amount)
+                settled += 1
+        return settled
 
     def _transfers(self, first: int, last: int) -> list[tuple[str, str | None, Decimal]]:
         """(to, currency or None when not ours, amount) of every successful transfer in the blocks."""
@@ -201,11 +210,14 @@ def serve_changenow(args: argparse.Namespace) -> None:
     decide_ecc_backend_once()  # the watcher signs every payout: fastecdsa's arithmetic (ecc.py)
     standin = ChangeNowStandIn(api_key=args.api_key, host=LOOPBACK, port=args.port)
     chain_info = json.loads(Path(args.chain_info).read_text())
-    state = SavedState(Path(args.state), lambda: {"exchanges": standin.exchanges, "next_block": settlement.next_block},
-                       standin._lock)
-    saved = state.load() or {}
-    standin.exchanges.update(saved.get("exchanges", {}))
-    settlement = Settlement(standin, chain_info, saved.get("next_block"), pay_out=not args.no_payouts)
+    standin.exchanges = TrackedDict()
+    settlement = None
+    state = SavedState(Path(args.state), standin._lock, {"exchanges": standin.exchanges},
+                       lambda: {"next_block": settlement.next_block})
+    saved = state.load()
+    settlement = Settlement(standin, chain_info, saved.get("next_block"), pay_out=not args.no_payouts,
+                            on_settled=state.save)
+    state.compact()
     standin.start()
     watcher = threading.Thread(target=settlement.run, name="deposit-watcher", daemon=True)
     watcher.start()
@@ -218,4 +230,4 @@ def serve_changenow(args: argparse.Namespace) -> None:
         settlement.stopping.set()  # let a settlement in progress end: a half-settled exchange is not saved
         watcher.join(timeout=30)
         standin.stop()
-        state.save()
+        state.compact()

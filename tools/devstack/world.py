@@ -35,7 +35,7 @@ from pathlib import Path
 import flask
 from werkzeug.serving import make_server
 
-from tools.devstack.persist import SavedState, wait_for_termination
+from tools.devstack.persist import SavedState, TrackedDefaultDict, TrackedDict, wait_for_termination
 
 LOOPBACK = "127.0.0.1"
 # CoinGecko coin ids of the tickers the ChangeNOW stand-in prices.
@@ -107,19 +107,18 @@ def serve_telegram(args: argparse.Namespace) -> None:
     from telepay_shared.standins.telegram import TelegramStandIn
 
     standin = TelegramStandIn(tokens=(args.token,), host=LOOPBACK, port=args.port)
-    state = SavedState(Path(args.state), lambda: {"messages": standin.messages, "invite_links": standin.invite_links,
-                                                  "message_ids": dict(standin._message_ids)}, standin._lock)
-    saved = state.load() or {}
-    standin.messages.extend(saved.get("messages", []))
-    standin.invite_links.update(saved.get("invite_links", {}))
-    standin._message_ids.update(saved.get("message_ids", {}))
+    standin.invite_links, standin._message_ids = TrackedDict(), TrackedDefaultDict(int)
+    state = SavedState(Path(args.state), standin._lock, {
+        "messages": standin.messages, "invite_links": standin.invite_links, "message_ids": standin._message_ids})
+    state.load()
+    state.compact()
     standin.start()
     state.save_periodically()
     try:
         wait_for_termination()
     finally:
         standin.stop()
-        state.save()
+        state.compact()
 
 
 def coingecko_prices() -> dict[str, Decimal]:
