@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+import traceback
 from decimal import Decimal
 
 import pytest
 from eth_account import Account
+from eth_keys import backends as ecc_backends
 from web3 import Web3
 
 from telepay_shared import errors, hops, tokens
@@ -223,6 +225,27 @@ def test_a_fee_quote_serves_the_payouts_of_the_next_two_seconds(build, chain, de
         now[0] += step_s
         assert post(service, t12(new_payin())).status_code == 200
     assert asked == ["eth_feeHistory", "eth_feeHistory"]  # the first and the third payout
+    completions(deliveries, 3)
+
+
+def test_signing_looks_for_the_signing_backend_once_not_per_payout(build, chain, deliveries, monkeypatch):
+    """eth_keys' default is to look for coincurve (an import that fails here) at every signature."""
+    wallet = Wallet(chain.w3, chain.host_private_key, chain.host_address)
+    looked_up = []
+    real_get_backend = ecc_backends.get_backend
+
+    def get_backend(*args, **kwargs):
+        # Only signing's lookups: the in-process test chain recovers senders with its own.
+        if any(frame.filename.endswith("gchostpay3/wallet.py") and frame.name == "sign"
+               for frame in traceback.extract_stack()):
+            looked_up.append(args)
+        return real_get_backend(*args, **kwargs)
+
+    monkeypatch.setattr(ecc_backends, "get_backend", get_backend)
+    service = build(wallet=wallet)
+    for _ in range(3):
+        assert post(service, t12(new_payin())).status_code == 200
+    assert looked_up == []
     completions(deliveries, 3)
 
 

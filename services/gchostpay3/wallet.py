@@ -86,13 +86,17 @@ class Wallet:
     def __init__(self, w3: Web3, private_key: str, address: str):
         try:
             # The signing backend is chosen once: eth_keys otherwise looks for coincurve again at every
-            # signature, a failed import that costs about as much as the signature when it is absent.
-            account = Account.from_key(keys.PrivateKey(HexBytes(private_key), backend=ecc_backends.get_backend()))
+            # signature, a failed import (a stat of every sys.path folder) that costs about as much as
+            # the signature when it is absent. The key object is what sign() hands eth-account: given
+            # the key's bytes (LocalAccount.sign_transaction does that), it builds a new key object
+            # without this backend and looks again.
+            key = keys.PrivateKey(HexBytes(private_key), backend=ecc_backends.get_backend())
+            account = Account.from_key(key)
         except Exception:  # the message could quote the key
             raise errors.ConfigError("HOST_WALLET_PRIVATE_KEY is not a valid private key") from None
         if account.address.lower() != address.strip().lower():
             raise errors.ConfigError("HOST_WALLET_PRIVATE_KEY does not belong to HOST_WALLET_ETH_ADDRESS")
-        self._account = account
+        self._key = key
         self.address = account.address
         self.w3 = w3
         self._chain_id: int | None = None
@@ -218,10 +222,10 @@ class Wallet:
             data = self._token(transfer.asset.contract).encode_abi("transfer", args=[transfer.payin, transfer.units])
         else:
             to, value, data = transfer.payin, transfer.units, "0x"
-        signed = self._account.sign_transaction({
+        signed = Account.sign_transaction({
             "type": 2, "chainId": chain_id, "nonce": nonce, "to": to, "value": value, "data": data,
             "gas": transfer.asset.gas_limit, "maxFeePerGas": fees.max_fee, "maxPriorityFeePerGas": fees.priority_fee,
-        })
+        }, self._key)
         return SignedTransfer(nonce, signed.hash.to_0x_hex(), signed.raw_transaction.to_0x_hex())
 
     def broadcast(self, raw: str) -> None:
