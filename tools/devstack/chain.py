@@ -30,7 +30,7 @@ from eth_tester.backends.pyevm import main as pyevm_backend
 from eth_tester.exceptions import TransactionNotFound
 
 from telepay_shared.testing.evm import LocalChain, Token
-from tools.devstack.ecc import decide_ecc_backend_once
+from tools.devstack.ecc import decide_ecc_backend_once, use_openssl_keccak_once
 from tools.devstack.persist import wait_for_termination, write_atomically
 
 # Methods that change chain state: journaled, in order, so a replay rebuilds the same chain.
@@ -204,6 +204,7 @@ def serve_chain(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _index_transaction_lookups()
     decide_ecc_backend_once()  # fastecdsa's arithmetic for every sender recovery (ecc.py)
+    use_openssl_keccak_once()  # OpenSSL's Keccak-256 for every trie node py-evm hashes (ecc.py)
     _recover_once()
     chain = DurableChain(folder)
     server = chain.serve_json_rpc(args.port)

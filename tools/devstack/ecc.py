@@ -1,4 +1,5 @@
-"""A faster eth_keys ECC backend for the local stack's chain and ChangeNOW stand-in (issue 5).
+"""A faster eth_keys ECC backend, and a faster Keccak-256, for the local stack's chain and ChangeNOW
+stand-in (issue 5).
 
 Without coincurve (no wheel for CPython 3.14) eth_keys does its secp256k1 arithmetic in pure Python:
 ~4 ms per sender recovery on the chain and ~1.4 ms per payout signature in the stand-in, for every
@@ -12,6 +13,7 @@ exceptions), so signatures, recoveries and refusals are the native backend's, by
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 
 from eth_keys import backends as ecc_backends
@@ -145,3 +147,44 @@ def decide_ecc_backend_once() -> str:
     name = type(backend).__name__
     log.info("eth_keys ECC backend: %s", name)
     return name
+
+
+# ---------------------------------------------------------------------------- Keccak-256
+
+EMPTY_KECCAK = bytes.fromhex("c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470")
+
+
+def openssl_keccak() -> "functools.partial | None":
+    """OpenSSL's Keccak-256 (OpenSSL 3.2 and later, through hashlib) as a bytes -> digest function,
+    or None when this interpreter's OpenSSL has none (or gives a wrong digest)."""
+    try:
+        hasher = hashlib.new("KECCAK-256")
+    except ValueError:
+        return None
+    hasher.update(b"")
+    if hasher.digest() != EMPTY_KECCAK:
+        return None
+    return functools.partial(_keccak256, hashlib.new)
+
+
+def _keccak256(new, data: bytes) -> bytes:
+    return new("KECCAK-256", data).digest()
+
+
+def use_openssl_keccak_once() -> bool:
+    """Make eth-hash's keccak (py-evm's trie and state roots, addresses, transaction hashes) OpenSSL's.
+
+    eth-hash's pycryptodome backend costs ~4 us a hash, mostly in creating its cffi object; OpenSSL's
+    ~1 us. py-evm hashes every trie node it touches: the dev chain spent a sixth of its CPU there.
+    Digests are the same bytes (ecc_test compares them); without OpenSSL's Keccak, nothing changes.
+    Dev-only, as the rest of this module.
+    """
+    from eth_hash.auto import keccak
+
+    fast = openssl_keccak()
+    if fast is None:
+        log.info("keccak: eth-hash's backend (this OpenSSL has no KECCAK-256)")
+        return False
+    keccak.hasher = fast  # what Keccak256.__call__ calls (eth_hash.main), once its backend is chosen
+    log.info("keccak: OpenSSL's KECCAK-256")
+    return True

@@ -208,3 +208,54 @@ def test_without_fastecdsa_the_default_backend_stays(process_backend, monkeypatc
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------- Keccak-256
+
+from Crypto.Hash import keccak as cryptodome_keccak  # noqa: E402 - eth-hash's own backend, the reference
+
+
+def reference_keccak(data: bytes) -> bytes:
+    return cryptodome_keccak.new(data=data, digest_bits=256).digest()
+
+
+@given(st.binary(max_size=600))
+def test_openssl_keccak_gives_the_digests_of_eth_hashs_backend(data):
+    fast = ecc.openssl_keccak()
+    assert fast is not None  # the build environment's OpenSSL (3.6) has KECCAK-256
+    assert fast(data) == reference_keccak(data)
+
+
+def test_installed_every_keccak_user_gets_openssls(monkeypatch):
+    from eth_hash.auto import keccak
+    from eth_utils import keccak as eth_utils_keccak
+
+    monkeypatch.setattr(keccak, "hasher", keccak.hasher)  # put back after the test
+    assert ecc.use_openssl_keccak_once()
+    assert keccak.hasher.func is ecc._keccak256
+    for data in (b"", b"abc", bytes(range(256)) * 3):
+        assert keccak(data) == eth_utils_keccak(data) == reference_keccak(data)
+    with pytest.raises(TypeError):  # eth-hash's own input check stays in front
+        keccak("not bytes")
+    # A chain on it still hashes as Ethereum does: a transfer's hash is the signed bytes' keccak.
+    chain = LocalChain(host_eth_wei=ETHER, with_tokens=False)
+    signed = Account.from_key(chain.host_private_key).sign_transaction({
+        "to": chain.funder, "value": 1, "gas": 21000, "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 0,
+        "nonce": 0, "chainId": chain.chain_id, "type": 2})
+    tx_hash = chain.rpc("eth_sendRawTransaction", [signed.raw_transaction.to_0x_hex()])
+    assert tx_hash == "0x" + reference_keccak(bytes(signed.raw_transaction)).hex()
+    assert chain.rpc("eth_getTransactionReceipt", [tx_hash])["status"] == "0x1"
+
+
+def test_without_openssls_keccak_eth_hashs_backend_stays(monkeypatch):
+    from eth_hash.auto import keccak
+
+    def no_keccak(name, *args):
+        raise ValueError(f"unsupported hash type {name}")
+
+    monkeypatch.setattr(ecc.hashlib, "new", no_keccak)
+    monkeypatch.setattr(keccak, "hasher", keccak.hasher)
+    before = keccak.hasher
+    assert ecc.openssl_keccak() is None
+    assert not ecc.use_openssl_keccak_once()
+    assert keccak.hasher is before

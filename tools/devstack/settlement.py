@@ -23,7 +23,7 @@ from eth_abi import encode as abi_encode
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
-from tools.devstack.ecc import decide_ecc_backend_once
+from tools.devstack.ecc import decide_ecc_backend_once, use_openssl_keccak_once
 from tools.devstack.persist import SavedState, TrackedDict, wait_for_termination
 
 LOOPBACK = "127.0.0.1"
@@ -208,6 +208,7 @@ def serve_changenow(args: argparse.Namespace) -> None:
     from telepay_shared.standins.changenow import ChangeNowStandIn
 
     decide_ecc_backend_once()  # the watcher signs every payout: fastecdsa's arithmetic (ecc.py)
+    use_openssl_keccak_once()  # and hashes it: OpenSSL's Keccak-256 (ecc.py)
     standin = ChangeNowStandIn(api_key=args.api_key, host=LOOPBACK, port=args.port)
     chain_info = json.loads(Path(args.chain_info).read_text())
     standin.exchanges = TrackedDict()
