@@ -6,7 +6,7 @@ slowest handler (GCHostPay3 signing and broadcasting: a few per second). Cloud T
 new task within milliseconds and up to max_concurrent_dispatches tasks of a queue at once (spec
 §5: 10 for the GCHostPay queues, 50 to 150 for the others). `dispatch_concurrently` makes the
 emulator do the same: a new task wakes its queue at once, up to N deliveries of a queue are in
-flight, and a failed delivery is retried after RETRY_AFTER_S (the emulator's own pace). A wake
+flight, and a failed delivery is retried with a doubling wait (retry_after_s, as Cloud Tasks backs off). A wake
 costs what arrived since the last one (new, retried and now-due tasks), never a scan of the
 queue's backlog, and an idle queue sleeps until woken. `deliver_over_kept_connections` sends each
 delivery as the emulator builds it, over an HTTP/1.1 connection kept open to its target (the
@@ -45,7 +45,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib import error
 
-RETRY_AFTER_S = 0.1
+# A failed delivery is retried after RETRY_MIN_S, the wait doubling at each failure up to RETRY_MAX_S,
+# as Cloud Tasks' min_backoff/max_backoff do (the stack's own short bounds: a restarted service is
+# back in a second or two). A fixed pace would redeliver a task that keeps failing (a host wallet
+# out of ETH) ten times a second for as long as it fails, the whole stack's CPU spent on it.
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 IDLE_LOOK_S = 1.0  # an idle queue looks again this often anyway (a resumed queue, a stop)
 # Relative to the part's working directory: the stack starts every part in its folder (stack.py).
 FAULTS_FILE, FAULT_STATS_FILE = Path("run", "tasks-faults.json"), Path("run", "tasks-faults-stats.json")
@@ -193,7 +197,7 @@ class QueueDispatcher:
             retry = 400 <= status < 600 and (self.state._max_retries < 0
                                              or task.dispatch_count <= self.state._max_retries)
             if retry:
-                self.retries.append((time.monotonic() + RETRY_AFTER_S, task))
+                self.retries.append((time.monotonic() + retry_after_s(task.dispatch_count), task))
             else:
                 self._forget(task)
             delay = None if retry or not 200 <= status < 300 else self.duplicator.take_late(task.name)
@@ -230,6 +234,11 @@ class QueueDispatcher:
         except Exception as exc:  # noqa: BLE001 - refused connections, resets: retried like a 5xx
             log.info("delivery of %s failed: %s", task.name, exc)
             return 500
+
+
+def retry_after_s(failed_attempts: int) -> float:
+    """How long a task waits before its next delivery, after `failed_attempts` failed ones (RETRY_MIN_S)."""
+    return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(max(failed_attempts - 1, 0), 32))
 
 
 class _Connection(http.client.HTTPConnection):

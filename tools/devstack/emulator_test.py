@@ -65,8 +65,22 @@ def test_a_failed_delivery_is_retried_and_listed_until_answered(tasks):
         assert len(list(tasks.raw_client.list_tasks(parent=tasks.queue_path(QUEUE)))) == 1
         deliveries = failing.expect_exactly(3, timeout_s=5, quiet_s=0.5)
     assert [d.headers["x-cloudtasks-taskretrycount"] for d in deliveries] == ["0", "1", "2"]
-    assert deliveries[1].received_at - deliveries[0].received_at >= emulator.RETRY_AFTER_S * 0.9
+    gaps = [later.received_at - earlier.received_at for earlier, later in zip(deliveries, deliveries[1:])]
+    assert gaps[0] >= emulator.retry_after_s(1) * 0.9
+    assert gaps[1] >= emulator.retry_after_s(2) * 0.9  # backed off: twice the first wait
     assert list(tasks.raw_client.list_tasks(parent=tasks.queue_path(QUEUE))) == []
+
+
+def test_a_task_that_keeps_failing_is_retried_ever_less_often_up_to_the_cap(tasks):
+    with DeliveryRecorder(statuses=[503] * 5) as failing:
+        tasks.enqueue(QUEUE, failing.url("/down"), {"a": 1}, idempotency_key="backing-off")
+        deliveries = failing.wait_for(6, timeout_s=15)
+    gaps = [later.received_at - earlier.received_at for earlier, later in zip(deliveries, deliveries[1:])]
+    # 0.1, 0.2, 0.4, 0.8, 1.6 s: five failures cost five deliveries in 3 s, not thirty.
+    for failed, gap in enumerate(gaps, 1):
+        assert gap >= emulator.retry_after_s(failed) * 0.9
+    assert gaps[-1] > 4 * gaps[1]
+    assert [emulator.retry_after_s(n) for n in (1, 2, 3, 6, 7, 50)] == [0.1, 0.2, 0.4, 3.2, 5.0, 5.0]
 
 
 def test_a_scheduled_task_waits_for_its_time(tasks, recorder):
