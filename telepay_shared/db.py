@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pg8000.dbapi
+from pg8000.converters import make_params
 from pg8000.exceptions import InterfaceError
 
 from telepay_shared import errors
@@ -54,6 +55,9 @@ _PLAIN_SSLMODES = frozenset({"disable"})
 _OPPORTUNISTIC_SSLMODES = frozenset({"allow", "prefer"})
 
 Row = dict[str, Any]
+# Statements with parameters run as named prepared statements, kept per connection up to this many
+# (the services' SQL is a fixed set of a few dozen); beyond, a statement runs unnamed, as before.
+MAX_PREPARED_PER_CONNECTION = 256
 
 
 def parse_dsn(dsn: str) -> dict[str, Any]:
@@ -267,7 +271,10 @@ class Transaction:
         """Run one statement (or, without parameters, a script) and return the rows it touched."""
         _check_params(params)
         try:
-            self._cursor.execute(sql, params)
+            if params:
+                _execute_prepared(self._connection, self._cursor, sql, params)
+            else:
+                self._cursor.execute(sql)
         except Exception as exc:
             self._fail(exc)
         return self._cursor.rowcount
@@ -337,6 +344,35 @@ class Transaction:
         if typed is exc:
             raise exc
         raise typed from exc
+
+
+def _execute_prepared(connection, cursor, sql: str, params: Sequence[Any]) -> None:
+    """cursor.execute(sql, params), through a named prepared statement the connection keeps.
+
+    pg8000 runs a statement with parameters unnamed: parse, describe, then bind and execute, three
+    round trips to the server and a parse and plan every time. Prepared once per connection, each
+    later run is one round trip (bind, execute, sync), and the server reuses the parsed statement.
+    The parameters are sent exactly as unnamed execution sends them (pg8000's make_params, types
+    inferred by the server), and the results land where the cursor's own execute puts them, so
+    rowcount, description and fetch* read them unchanged. This uses pg8000's lower layer
+    (prepare_statement, execute_named: what its own PreparedStatement is built on); db_test pins the
+    behaviour to the unnamed path's.
+    """
+    statement, values = pg8000.dbapi.convert_paramstyle("format", sql, params)  # the module docstring's %s
+    prepared = connection.__dict__.setdefault("_telepay_prepared", {})
+    known = prepared.get(statement)
+    if known is None and len(prepared) >= MAX_PREPARED_PER_CONNECTION:
+        cursor.execute(sql, params)
+        return
+    if not connection._in_transaction and not connection.autocommit:
+        connection.execute_simple("begin transaction")  # as the cursor's execute begins one
+    if known is None:
+        known = prepared[statement] = connection.prepare_statement(statement, ())
+    name, columns, input_funcs = known
+    context = connection.execute_named(name, make_params(connection.py_types, values), columns, input_funcs,
+                                       statement)
+    cursor._context = context
+    cursor._row_iter = None if context.rows is None else iter(context.rows)
 
 
 @dataclass

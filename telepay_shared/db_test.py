@@ -12,6 +12,7 @@ from decimal import Decimal
 import pg8000.dbapi
 import pytest
 
+from telepay_shared import db as db_module
 from telepay_shared import errors
 from telepay_shared.config import Secret
 from telepay_shared.db import Database, advisory_lock_key, parse_dsn
@@ -392,6 +393,96 @@ def test_savepoint_undoes_only_the_failed_block(open_database):
         with tx.savepoint():
             _insert_payment(tx, 10)
     assert _payment_ids(db) == [7, 8, 10]
+
+
+# --- prepared statements -----------------------------------------------------------------------
+
+def _prepared_on_server(tx) -> list[str]:
+    """The statements the session holds prepared (protocol-level ones are named pg8000_statement_N)."""
+    return [row["statement"] for row in tx.fetchall("SELECT statement FROM pg_prepared_statements ORDER BY 1")]
+
+
+def test_a_statement_with_parameters_is_prepared_once_per_connection_and_reused(open_database):
+    db = open_database()
+    for payment_id in (11, 12, 13):
+        with db.transaction() as tx:
+            _insert_payment(tx, payment_id)
+            assert tx.fetchvalue("SELECT count(*) FROM processed_payments WHERE payment_id <= %s", (payment_id,)) \
+                == payment_id - 10
+    with db.transaction() as tx:
+        prepared = _prepared_on_server(tx)
+    assert len(prepared) == 2  # the INSERT and the SELECT, once each for three runs
+    assert any(text.startswith("INSERT INTO processed_payments") for text in prepared)
+    assert _payment_ids(db) == [11, 12, 13]
+
+
+def test_prepared_and_unnamed_runs_give_the_same_rows_counts_and_columns(open_database):
+    db = open_database()
+    with db.transaction() as tx:
+        for payment_id in (21, 22, 23):
+            _insert_payment(tx, payment_id)
+    statements = [
+        ("UPDATE processed_payments SET gcwebhook1_processed = %s WHERE payment_id >= %s", (True, 22)),
+        ("SELECT payment_id, gcwebhook1_processed, %s::numeric AS amount, %s::text AS nothing "
+         "FROM processed_payments WHERE payment_id > %s ORDER BY 1", (Decimal("12.34567890"), None, 20)),
+        ("SELECT payment_id FROM processed_payments WHERE payment_id = %s", (999,)),
+        ("DELETE FROM processed_payments WHERE payment_id = %s", (21,)),
+    ]
+    seen = []
+    for sql, params in statements:
+        with db.transaction() as tx:
+            touched = tx.execute(sql, params)
+            seen.append((touched, tx._cursor.description and [c[0] for c in tx._cursor.description],
+                         tx.fetchall() if tx._cursor.description else None))
+    with db.transaction() as tx:  # the reference: pg8000's own unnamed execution, on a fresh state
+        tx.execute("TRUNCATE processed_payments")
+        for payment_id in (21, 22, 23):
+            tx._cursor.execute("INSERT INTO processed_payments (payment_id, user_id, channel_id) "
+                               "VALUES (%s, %s, %s)", (payment_id, 6271402111, -1003268562225))
+    for (sql, params), prepared in zip(statements, seen):
+        with db.transaction() as tx:
+            tx._cursor.execute(sql, params)
+            unnamed = (tx._cursor.rowcount, tx._cursor.description and [c[0] for c in tx._cursor.description],
+                       tx.fetchall() if tx._cursor.description else None)
+        assert prepared == unnamed
+    assert seen[0][0] == 2 and seen[3][0] == 1
+    assert seen[1][2][0] == {"payment_id": 21, "gcwebhook1_processed": False, "amount": Decimal("12.34567890"),
+                             "nothing": None}
+    assert seen[2][2] == []
+
+
+def test_a_prepared_statement_runs_inside_the_transaction_and_rolls_back_with_it(open_database):
+    db = open_database()
+    with db.transaction() as tx:
+        _insert_payment(tx, 31)  # prepared now
+    with pytest.raises(ValueError, match="undo"):
+        with db.transaction() as tx:
+            _insert_payment(tx, 32)  # the prepared statement, first in its transaction
+            assert tx.fetchvalue("SELECT count(*) FROM processed_payments WHERE payment_id > %s", (0,)) == 2
+            raise ValueError("undo")
+    assert _payment_ids(db) == [31]
+
+
+def test_a_prepared_statement_that_failed_runs_again_after_the_rollback(open_database):
+    db = open_database()
+    with db.transaction() as tx:
+        _insert_payment(tx, 41)
+    with db.transaction() as tx:
+        with pytest.raises(errors.DuplicateRecord):
+            with tx.savepoint():
+                _insert_payment(tx, 41)
+        _insert_payment(tx, 42)
+    assert _payment_ids(db) == [41, 42]
+
+
+def test_beyond_the_cap_statements_run_unnamed(open_database, monkeypatch):
+    monkeypatch.setattr(db_module, "MAX_PREPARED_PER_CONNECTION", 1)
+    db = open_database()
+    with db.transaction() as tx:
+        _insert_payment(tx, 51)
+        assert tx.fetchvalue("SELECT payment_id FROM processed_payments WHERE payment_id = %s", (51,)) == 51
+        assert tx.fetchvalue("SELECT count(*) FROM processed_payments WHERE payment_id > %s", (50,)) == 1
+        assert len(_prepared_on_server(tx)) == 1
 
 
 def test_fetchall_returns_rows_as_dicts_in_order(open_database):
