@@ -59,13 +59,25 @@ LATE_DUPLICATE_S = (0.05, 1.5)  # a duplicate after success comes this long afte
 log = logging.getLogger("devstack.emulator")
 
 
+def _saved_counts(stats: Path) -> dict:
+    """The duplicate counts a stats file holds ({} when there is none or it is unreadable)."""
+    try:
+        saved = json.loads(stats.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in saved.items() if isinstance(value, int)} if isinstance(saved, dict) else {}
+
+
 class Duplicator:
     """Decides which deliveries Cloud Tasks repeats (module docstring); one per emulator, shared by its queues."""
 
     def __init__(self, control: Path = FAULTS_FILE, stats: Path = FAULT_STATS_FILE):
         self.control, self.stats_path = control, stats
         self.share, self.rng = 0.0, random.Random()
-        self.counts: Counter = Counter()
+        # The counts go on from what an earlier emulator process of the stack wrote: the soak reports
+        # the difference between two readings, and a restarted emulator starting again from zero made
+        # a whole soak's duplicates read as none.
+        self.counts: Counter = Counter(_saved_counts(stats))
         self._lock = threading.Lock()
         self._seen: tuple | None = None  # (mtime, size) of the control file last read
         self._looked_at = 0.0

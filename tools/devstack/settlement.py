@@ -96,6 +96,7 @@ class Settlement:
         # Called once the blocks' exchanges are settled and next_block is past them: the stand-in
         # saves then, so a crash right after a payout does not settle (and pay) the deposit again.
         self.on_settled = on_settled
+        self.waiting = WaitingExchanges(standin)
 
     def run(self) -> None:
         """Look at every new block, in order, as soon as it is mined, until stopped; errors are logged
@@ -147,9 +148,7 @@ class Settlement:
 
     def _waiting_exchanges(self) -> dict[tuple[str, str], str]:
         """(payin address, currency) -> id of every exchange still waiting for its deposit."""
-        with self.standin._lock:
-            return {(record["payinAddress"].lower(), record["fromCurrency"]): exchange_id
-                    for exchange_id, record in self.standin.exchanges.items() if record["status"] == "waiting"}
+        return self.waiting.current()
 
     def _settle(self, exchange_id: str, amount: Decimal) -> None:
         """Credit the deposit, pay amountTo out, then finish the exchange with the payout's hash.
@@ -196,6 +195,39 @@ class Settlement:
             raise
         self.nonce += 1
         return tx_hash
+
+
+class WaitingExchanges:
+    """The stand-in's exchanges still waiting for their deposit, by (payin address, currency).
+
+    Kept between blocks rather than rebuilt from every exchange at each one: a long-lived stack
+    holds tens of thousands, and reading them all for every block with a deposit cost more than the
+    settling. Exchanges are only ever added (a dict keeps their order), so the ones created since
+    the last look are the newest, read back to the first one already seen; a kept one is dropped
+    once it is no longer waiting. (An exchange put back to waiting after a failed payout never left:
+    the settlement that failed runs in the one thread that looks.) Records are read without a
+    lookup by key, which would mark them changed for the stand-in's journal (persist.TrackedDict).
+    """
+
+    def __init__(self, standin):
+        self.standin = standin
+        self._seen: set[str] = set()
+        self._waiting: dict[tuple[str, str], str] = {}
+
+    def current(self) -> dict[tuple[str, str], str]:
+        """(payin address lowercased, currency) -> exchange id, for every exchange waiting now."""
+        exchanges = self.standin.exchanges
+        with self.standin._lock:
+            for exchange_id, record in reversed(exchanges.items()):
+                if exchange_id in self._seen:
+                    break
+                self._seen.add(exchange_id)
+                if record["status"] == "waiting":
+                    self._waiting[(record["payinAddress"].lower(), record["fromCurrency"])] = exchange_id
+            for key, exchange_id in list(self._waiting.items()):
+                if dict.get(exchanges, exchange_id, {}).get("status") != "waiting":
+                    del self._waiting[key]
+            return dict(self._waiting)
 
 
 def _base_units(amount: Decimal, decimals: int) -> int:

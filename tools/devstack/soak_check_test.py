@@ -308,5 +308,24 @@ def test_duplicates_are_switched_through_the_stack_folder(tmp_path):
     assert faults.duplicate_counts(tmp_path) == {"concurrent": 1, "answer_200": 1}
 
 
+
+def test_a_restarted_emulator_counts_on_from_the_stats_file(tmp_path):
+    """The soak reports the counts' growth: a new emulator process must not start them again at zero."""
+    from tools.devstack import emulator
+
+    (tmp_path / "run").mkdir()
+    paths = (tmp_path / emulator.FAULTS_FILE, tmp_path / emulator.FAULT_STATS_FILE)
+    first = emulator.Duplicator(*paths)
+    for _ in range(3):
+        first.count("after_success", 200)
+    before = faults.duplicate_counts(tmp_path)
+    restarted = emulator.Duplicator(*paths)
+    restarted.count("concurrent", 503)
+    assert faults.duplicate_counts(tmp_path) - before == {"concurrent": 1, "answer_503": 1}
+    assert faults.duplicate_counts(tmp_path)["after_success"] == 3
+    paths[1].write_text("not json")
+    assert emulator.Duplicator(*paths).counts == {}
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
