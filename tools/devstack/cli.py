@@ -1,6 +1,7 @@
 """tools/dev's command line (run inside the build environment by tools/dev; see tools/dev for the commands).
 
-    up | down | status | pay | follow PAYMENT_ID... | trigger JOB | restart SERVICE | stop SERVICE | logs PART | soak
+    up | down | status | pay | follow PAYMENT_ID... | trigger JOB | restart SERVICE | stop SERVICE | logs PART | fund
+    | soak
 
 The workspace comes from TELEPAY_DEV_WORKSPACE (tools/dev sets it); the stack folder from
 TELEPAY_DEV_DIR (default <workspace>/.dev); every other knob from TELEPAY_DEV_* (stack.Settings).
@@ -46,7 +47,8 @@ def show_status(stack: Stack, _args) -> int:
         queued = {queue: len(tasks) for queue, tasks in stack.queued_tasks().items() if tasks}
         print(f"queued tasks: {json.dumps(queued) if queued else 'none'}")
     if stack.pid("chain"):
-        print(f"chain: {stack.chain_info()['rpc_url']}, host wallet {stack.chain_info()['host_address']}")
+        print(f"chain: {stack.chain_info()['rpc_url']}, host wallet {stack.chain_info()['host_address']} holds "
+              f"{Decimal(stack.host_wallet_wei()).scaleb(-18):.6f} ETH (tools/dev fund --eth N tops it up)")
     healthy = all(row["pid"] and row["health"] in ("healthy", "accepting") for row in rows)
     return 0 if healthy else 1
 
@@ -140,11 +142,27 @@ def logs(stack: Stack, args) -> int:
     return 0
 
 
+def fund(stack: Stack, args) -> int:
+    """Top up the host wallet from the chain's funder."""
+    before, after = stack.fund_host_wallet(args.eth)
+    print(f"host wallet {stack.chain_info()['host_address']}: {Decimal(before).scaleb(-18)} ETH -> "
+          f"{Decimal(after).scaleb(-18)} ETH")
+    return 0
+
+
 def soak(stack: Stack, args) -> int:
     """The fault-injection soak (soak.py): exit 1 on any invariant violation."""
     from tools.devstack import soak as soaking
 
     return soaking.main_command(stack, args)
+
+
+def decimal_argument(text: str) -> Decimal:
+    """A command-line amount as a Decimal (never a float); argparse's own error names the option."""
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError(f"not a decimal number: {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="what runs where")
     paying = commands.add_parser("pay", help="send NowPayments IPNs and follow each payment to its end state")
     paying.add_argument("--mode", choices=sorted(pipeline.CHANNELS), default="instant")
-    paying.add_argument("--amount-usd", type=Decimal, default=Decimal("25"))
+    paying.add_argument("--amount-usd", type=decimal_argument, default=Decimal("25"))
     paying.add_argument("--count", type=int, default=1)
     paying.add_argument("--rate", type=float, help="notifications per second (default: as fast as possible)")
     paying.add_argument("--timeout", type=float, default=120.0, help="seconds to follow the payments")
@@ -172,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     logging = commands.add_parser("logs", help="the end of a part's log")
     logging.add_argument("part")
     logging.add_argument("-n", "--lines", type=int, default=40)
+    funding = commands.add_parser("fund", help="send ETH from the chain's funder to the host wallet (payouts spend it)")
+    funding.add_argument("--eth", type=decimal_argument, default=Decimal("100"), help="ETH to send (default 100)")
     soaking = commands.add_parser("soak", help="payments under injected faults, then the invariants (soak.py)")
     soaking.add_argument("--payments", type=int, default=1000)
     soaking.add_argument("--seed", type=int, default=1)
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = make_stack()
     actions = {"up": lambda s, a: s.up() or 0, "down": lambda s, a: s.down() or 0, "status": show_status, "pay": pay,
                "follow": follow, "trigger": trigger, "restart": restart, "stop": stop, "logs": logs,
-               "soak": soak}
+               "fund": fund, "soak": soak}
     try:
         return actions[args.command](stack, args)
     except (StackError, ValueError) as exc:

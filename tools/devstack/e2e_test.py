@@ -7,6 +7,7 @@ they moved on the chain.
 """
 from __future__ import annotations
 
+import argparse
 import secrets
 import shutil
 import signal
@@ -25,7 +26,7 @@ from telepay_shared import hops, tokens
 from telepay_shared.db import Database
 from telepay_shared.testing.evm import token_artefact
 from telepay_shared.testing.oidc import OidcIssuer
-from tools.devstack import pipeline, wiring
+from tools.devstack import cli, pipeline, wiring
 from tools.devstack.logscan import find_secrets, stack_secrets
 from tools.devstack.stack import PORT_OFFSETS, Settings, Stack
 
@@ -368,6 +369,24 @@ def test_scheduler_jobs_authenticate_by_oidc_token_alone(stack):
     elsewhere = {"Authorization": "Bearer " + issuer.mint(stack.url("gcsplit1"), wiring.TASKS_SERVICE_ACCOUNT)}
     answer = requests.post(url, data=b"", headers=elsewhere, timeout=60)
     assert (answer.status_code, answer.json()["error"]) == (401, "unauthorized")
+
+
+def test_fund_tops_the_host_wallet_up_by_exactly_the_amount(stack, chain):
+    """tools/dev fund: a long-lived stack's payouts spend the host wallet's ETH; the funder refills it."""
+    before, after = stack.fund_host_wallet(Decimal("2.5"))
+    assert after - before == 2_500_000_000_000_000_000
+    assert chain.eth(chain.host) == after
+
+
+@pytest.mark.parametrize("eth, reason", [(Decimal("0"), "positive"), (Decimal("-1"), "positive"),
+                                         (Decimal("NaN"), "positive"), (Decimal("1E-19"), "18 decimals")])
+def test_fund_refuses_an_amount_that_is_not_a_whole_number_of_wei(stack, chain, eth, reason):
+    before = chain.eth(chain.host)
+    with pytest.raises(ValueError, match=reason):
+        stack.fund_host_wallet(eth)
+    assert chain.eth(chain.host) == before
+    with pytest.raises(argparse.ArgumentTypeError, match="not a decimal number"):
+        cli.decimal_argument("1,5")
 
 
 def test_no_secret_in_any_log_so_far(stack):

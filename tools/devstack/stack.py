@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping
@@ -54,6 +55,17 @@ MARKER_ENV = "TELEPAY_DEV_COMPONENT"
 SECRET_NAMES = ("SUCCESS_URL_SIGNING_KEY", "TPS_HOSTPAY_SIGNING_KEY", "NOWPAYMENTS_IPN_SECRET", "CHANGENOW_API_KEY")
 STOP_TIMEOUT_S = 60.0  # the chain writes its snapshot on the way out
 QUIET_S = 0.5  # a queue counts as drained once it has stayed empty this long (a hop is milliseconds)
+
+
+def eth_to_wei(eth: Decimal) -> int:
+    """Wei in an amount of ETH given as a decimal; ValueError naming the fix when it is not a positive
+    amount with at most 18 decimals."""
+    if not isinstance(eth, Decimal) or not eth.is_finite() or eth <= 0:
+        raise ValueError(f"--eth must be a positive amount of ETH, e.g. --eth 100 (got {eth})")
+    wei = eth.scaleb(18)
+    if wei != wei.to_integral_value():
+        raise ValueError(f"--eth has more than 18 decimals (1 wei is 0.000000000000000001 ETH): {eth}")
+    return int(wei)
 
 
 class StackError(RuntimeError):
@@ -244,6 +256,36 @@ class Stack:
     def chain_info(self) -> dict:
         """What the chain process published: RPC URL, funder, host wallet, token contracts."""
         return json.loads(self.path("chain", "info.json").read_text())
+
+    def chain_call(self, method: str, params: list):
+        """One JSON-RPC call to the stack's chain; its result, or StackError with the node's message."""
+        answer = requests.post(self.chain_info()["rpc_url"], timeout=30,
+                               json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).json()
+        if "error" in answer:
+            raise StackError(f"the chain refused {method}: {answer['error'].get('message')}")
+        return answer["result"]
+
+    def host_wallet_wei(self) -> int:
+        """What the host wallet holds on the stack's chain (latest block)."""
+        return int(self.chain_call("eth_getBalance", [self.chain_info()["host_address"], "latest"]), 16)
+
+    def fund_host_wallet(self, eth: Decimal) -> tuple[int, int]:
+        """Send `eth` ETH from the chain's funder to the host wallet; (wei before, wei after).
+
+        Every payout spends the host wallet's ETH: a long-lived stack empties the 100 ETH it starts
+        with after some 20,000 payouts, and GCHostPay3 then answers 503 (insufficient funds) and alerts.
+        """
+        wei = eth_to_wei(eth)
+        if self.pid("chain") is None:
+            raise StackError("the chain is not running: tools/dev up first")
+        info = self.chain_info()
+        before = self.host_wallet_wei()
+        tx_hash = self.chain_call("eth_sendTransaction", [{"from": info["funder"], "to": info["host_address"],
+                                                          "value": hex(wei)}])
+        receipt = self.chain_call("eth_getTransactionReceipt", [tx_hash])
+        if not receipt or int(receipt["status"], 16) != 1:
+            raise StackError(f"the funding transfer {tx_hash} failed")
+        return before, self.host_wallet_wei()
 
     def local_values(self) -> dict[str, str]:
         """Every value the stack can give a service, by the name services declare it under."""
