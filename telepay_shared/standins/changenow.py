@@ -110,7 +110,7 @@ class Quote:
 
 
 class ChangeNowStandIn(StandInServer):
-    """ChangeNOW v2 stand-in served by werkzeug on 127.0.0.1 (ephemeral port by default)."""
+    """ChangeNOW v2 stand-in served by waitress on 127.0.0.1 (ephemeral port by default)."""
 
     url_path = "/v2"  # like the real base URL, what ChangeNowClient is given
 

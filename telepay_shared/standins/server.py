@@ -1,5 +1,11 @@
-"""How every stand-in is served: its Flask app under werkzeug on host:port, in a background thread
-for tests or in the calling thread for the dev stack, with scripted hangs released on stop."""
+"""How every stand-in is served: its Flask app under waitress on host:port, in a background thread
+for tests or in the calling thread for the dev stack, with scripted hangs released on stop.
+
+waitress (a production WSGI server, pure Python) keeps HTTP/1.1 connections open between calls, as
+the real APIs do; werkzeug's development server answered every call with "Connection: close", so
+each call a service made cost a new TCP connection, a name lookup and a server thread. It logs no
+line per request.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,16 +13,16 @@ import threading
 from typing import Self
 
 from flask import Flask
-from werkzeug.serving import WSGIRequestHandler, make_server
+from waitress import create_server
+from waitress.server import BaseWSGIServer
 
 from telepay_shared.testing.harness import Harness
 
-
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Logs errors only, not a line per request."""
-
-    def log_request(self, *args, **kwargs) -> None:
-        """Log nothing for a request answered."""
+# Requests served at once: a scripted hang holds one for its duration, and every service of a dev
+# stack keeps connections to ChangeNOW's and Telegram's stand-ins.
+SERVING_THREADS = 32
+CONNECTION_LIMIT = 1000
+IDLE_CONNECTION_S = 60  # an idle kept connection is closed after this long
 
 
 class StandInServer(Harness):
@@ -26,7 +32,6 @@ class StandInServer(Harness):
     """
 
     url_path = ""  # what follows host:port in the base URL a client is given (ChangeNOW's is /v2)
-    quiet = False  # True: log no line per request (a stand-in asked often would drown the logs)
     app: Flask
 
     def __init__(self, host: str, port: int, hang_s: float):
@@ -41,19 +46,23 @@ class StandInServer(Harness):
     def start(self) -> Self:
         """Serve in a background daemon thread; returns self, so `with StandIn().start()` reads well."""
         self._bind()
-        # A short poll keeps stop() fast: shutdown() waits for the serve loop's next poll.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=type(self).__name__, daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(self._server,), name=type(self).__name__,
+                                        daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until interrupted (the dev stack's entry point)."""
         self._bind()
+        self._serve(self._server)
+
+    def _serve(self, server: BaseWSGIServer) -> None:
+        """Run the serving loop until stop() has closed its sockets, then stop its threads."""
         try:
-            self._server.serve_forever()
+            server.run()
         finally:
-            self._server.server_close()
+            _close_sockets(server)  # after an interrupt; after stop() there is none left
+            server.task_dispatcher.shutdown(timeout=1)
 
     def serve_until_interrupted(self, title: str) -> int:
         """Announce the stand-in, serve it until Ctrl-C (how a developer stops it) and return exit status 0."""
@@ -66,9 +75,12 @@ class StandInServer(Harness):
         """Release hanging requests, stop serving and free the port."""
         self._released.set()
         server, thread, self._server, self._thread = self._server, self._thread, None, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if server is None:
+            return
+        # The serving loop closes its own sockets: closed from here, under its poll, it would fail.
+        closed = threading.Event()
+        server.trigger.pull_trigger(lambda: (_close_sockets(server), closed.set()))
+        closed.wait(timeout=5)
         if thread is not None:
             thread.join(timeout=5)
 
@@ -77,7 +89,7 @@ class StandInServer(Harness):
         """Base URL of the running stand-in, to give a client in place of the real service's."""
         if self._server is None:
             raise RuntimeError("stand-in is not started")
-        return f"http://{self.host}:{self._server.server_port}{self.url_path}"
+        return f"http://{self.host}:{self._server.effective_port}{self.url_path}"
 
     @staticmethod
     def app_on_every_path(name: str, view, methods: tuple[str, ...] = ("GET",)) -> Flask:
@@ -88,7 +100,13 @@ class StandInServer(Harness):
         return app
 
     def _bind(self) -> None:
-        """Create the werkzeug server on host:port (port 0 picks a free one)."""
+        """Create the waitress server on host:port (port 0 picks a free one)."""
         self._released.clear()
-        handler = _QuietRequestHandler if self.quiet else None
-        self._server = make_server(self.host, self.port, self.app, threaded=True, request_handler=handler)
+        self._server: BaseWSGIServer = create_server(
+            self.app, host=self.host, port=self.port, threads=SERVING_THREADS, connection_limit=CONNECTION_LIMIT,
+            channel_timeout=IDLE_CONNECTION_S, asyncore_use_poll=True, ident=None, clear_untrusted_proxy_headers=True)
+
+
+def _close_sockets(server: BaseWSGIServer) -> None:
+    """Close the listening socket, every kept connection and the loop's wake-up pipe: the loop then ends."""
+    server.asyncore.close_all(server._map)

@@ -68,7 +68,7 @@ class Fault:
 
 
 class TelegramStandIn(StandInServer):
-    """Telegram Bot API stand-in served by werkzeug on 127.0.0.1 (ephemeral port by default)."""
+    """Telegram Bot API stand-in served by waitress on 127.0.0.1 (ephemeral port by default)."""
 
     def __init__(self, tokens: tuple[str, ...] = (DEFAULT_TOKEN,), host: str = "127.0.0.1", port: int = 0,
                  hang_s: float = 5.0):

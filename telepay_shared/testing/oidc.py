@@ -128,7 +128,6 @@ class CertsServer(StandInServer):
     """Serves issuers' certificates over HTTP on 127.0.0.1 at CERTS_PATH, as www.googleapis.com does."""
 
     url_path = CERTS_PATH  # `url` is the certs URL to give a service as TP_OIDC_CERTS_URL
-    quiet = True  # a line per certificate fetch would drown the logs
 
     def __init__(self, *issuers: OidcIssuer, port: int = 0):
         super().__init__(LOOPBACK, port, hang_s=0.0)
