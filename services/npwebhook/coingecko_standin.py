@@ -19,7 +19,6 @@ class CoinGeckoStandIn(StandInServer):
     """/simple/price on 127.0.0.1; use `url` as the client's base URL (it ends in /api/v3, like CoinGecko's)."""
 
     url_path = "/api/v3"
-    quiet = True  # the tests ask it on every payment; a line per request would drown their output
 
     def __init__(self, prices_usd: dict[str, Decimal] | None = None):
         super().__init__("127.0.0.1", 0, hang_s=0.0)

@@ -167,7 +167,6 @@ class AlertSink(StandInServer):
     """A Slack incoming-webhook stand-in: keeps the text of every alert POSTed to it (at any path)."""
 
     url_path = "/services/soak/alerts"  # the webhook URL to configure as SLACK_ALERT_WEBHOOK is `url`
-    quiet = True  # a line per alert would crowd the soak's report
 
     def __init__(self, port: int = 0):
         super().__init__(LOOPBACK, port, hang_s=0.0)
