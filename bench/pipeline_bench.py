@@ -13,18 +13,24 @@ Runs against the local stack (`tools/dev up` first), through the same code as `t
    payout (the scheduler's 1 s cadence, GCHostPay1's 1 s re-check of the conversion), shown apart.
 Targets on the 2-core build machine: p50 < 1 s, >= 20 payments/s.
 
-Where it stands (session 3, this 2-core machine, no other work running): p50 0.07 s, p95 0.08-0.10 s
-one at a time; 200 at once 17-22 payments/s, median 19.9 (ten runs of this command: 17.2, 17.6, 18.9,
-19.1, 19.8, 19.9, 20.1, 20.1, 20.2, 21.9; 1000 at once 19.7; the target, 20, is not reliably met). The work per payment is the same in every run, yet
-its CPU time ranges from 84 to 120 ms, every process alike: the machine's own speed varies, and at
-this load the stack is CPU-bound (two cores / ~100 ms). Session 2 stood at 15.1/s and ~116 ms.
-What changed: GCHostPay3's wallet lock covers only the nonce decision (the node is asked before it,
-a transfer recorded moments ago is not re-asked about under it, settling takes the payout's own
-lock), an index for the per-payment subscription lookup (it read the whole table), the local chain
-and ChangeNOW stand-in sign and recover with compiled curve arithmetic (fastecdsa), one fee quote
-and one CoinGecko price serve a burst, the emulator reuses ID tokens, the tracker polls less.
-What is left: the chain (py-evm, ~15-19 ms per payment for two mined transactions), the twelve
-Cloud Tasks hops (~2 ms each across client, emulator and service), PostgreSQL (~9 ms).
+Where it stands (session 4, this 2-core machine, no other work running): one at a time p50
+0.054-0.067 s, p95 0.067-0.079 s; 200 at once, ten runs of this command: 20.9, 22.3, 22.6, 23.0,
+24.0, 24.4, 25.2, 25.9, 26.3, 27.1 payments/s (median 24.2, every run above the target of 20);
+1000 at once 24.0. At this load the stack is CPU-bound: ~80 ms of CPU per payment, summed over every
+process (session 3: 84-120 ms, 19.9/s median), and the machine's own speed moves every process's
+share together by some 10-15 %, which is the spread between runs.
+What changed in session 4, in CPU per payment: statements run as prepared statements (PostgreSQL
+10 -> 5 ms, one round trip per statement instead of three); the stand-ins' state is journaled, not
+re-pickled whole every 3 s (ChangeNOW stand-in 13.5 -> 5 ms, telegram 4 -> 2 ms on a long-lived
+stack, and it no longer grows with the stack's age); GCHostPay3 signs with the key whose ECC
+backend was chosen at start (16.5 -> 10.4 ms: eth-account looked for coincurve, a failed import,
+at every signature); the stand-ins are served by waitress, which keeps connections open (-3.5 ms
+across the services that call them); the chain hashes with OpenSSL's Keccak-256.
+Where the ~80 ms go: the chain ~16 (py-evm applying and mining two transactions; mining them in
+batches was measured and saves ~6 %: applying a transaction rebuilds the pending block's tries),
+the Cloud Tasks hops ~1.3 ms each for twelve (0.36 client, 0.43 emulator create, 0.5 delivery),
+GCHostPay3 ~11 (its signature in pure Python: no coincurve for CPython 3.14), PostgreSQL ~5.5, the
+other services 2.5-6 each.
 """
 from __future__ import annotations
 
