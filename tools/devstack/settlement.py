@@ -9,20 +9,17 @@ restarts (persist.SavedState); a deposit mined while the stand-in was down is se
 from __future__ import annotations
 
 import argparse
-import http.client
-import itertools
 import json
 import logging
-import select
 import threading
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from eth_abi import encode as abi_encode
 from eth_utils import function_signature_to_4byte_selector, to_checksum_address
 
 from tools.devstack.chain import TRANSFERS_METHOD, WAIT_METHOD
+from tools.devstack.chainrpc import ChainRpc
 from tools.devstack.ecc import decide_ecc_backend_once, use_openssl_keccak_once
 from tools.devstack.persist import SavedState, TrackedDict, wait_for_termination
 
@@ -30,41 +27,6 @@ LOOPBACK = "127.0.0.1"
 MINT_SELECTOR = function_signature_to_4byte_selector("mint(address,uint256)")  # TestToken.sol's: payouts are minted
 
 log = logging.getLogger("devstack.changenow")
-
-
-class ChainRpc:
-    """JSON-RPC calls to the dev chain on one kept-alive HTTP connection, for the deposit watcher's thread.
-
-    web3's HTTPProvider costs about as much CPU per call as signing a payout (its middleware, result
-    formatters and requests' session); this stand-in only posts a few known methods and reads raw
-    JSON answers. A connection the chain closed (it restarted) is dropped before it is used, as
-    requests' pool does; a failed call closes it too: the next call connects afresh. (http.client
-    turns Nagle off, as requests does: the body, sent after the headers, is not held back.)
-    """
-
-    HEADERS = {"Content-Type": "application/json"}
-
-    def __init__(self, url: str, timeout_s: float):
-        parts = urlsplit(url)
-        self.path = parts.path or "/"
-        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
-        self.ids = itertools.count(1)
-
-    def call(self, method: str, params: list):
-        """The result of one call; RuntimeError with the chain's error object when it refuses."""
-        body = json.dumps({"jsonrpc": "2.0", "id": next(self.ids), "method": method, "params": params}).encode()
-        idle = self.connection.sock
-        if idle is not None and select.select([idle], [], [], 0)[0]:  # readable between calls: closed by the chain
-            self.connection.close()
-        try:
-            self.connection.request("POST", self.path, body, self.HEADERS)
-            answer = json.loads(self.connection.getresponse().read())
-        except Exception:
-            self.connection.close()
-            raise
-        if "error" in answer:
-            raise RuntimeError(f"{method}: {answer['error']}")
-        return answer["result"]
 
 
 class Settlement:

@@ -44,6 +44,7 @@ import requests
 
 from services.catalog import SERVICES
 from tools.devstack import wiring
+from tools.devstack.chainrpc import ChainRpc
 
 LOOPBACK = "127.0.0.1"
 WORLD = ("tasks", "chain", "changenow", "telegram", "coingecko", "oidc")
@@ -259,11 +260,10 @@ class Stack:
 
     def chain_call(self, method: str, params: list):
         """One JSON-RPC call to the stack's chain; its result, or StackError with the node's message."""
-        answer = requests.post(self.chain_info()["rpc_url"], timeout=30,
-                               json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).json()
-        if "error" in answer:
-            raise StackError(f"the chain refused {method}: {answer['error'].get('message')}")
-        return answer["result"]
+        try:
+            return ChainRpc(self.chain_info()["rpc_url"], timeout_s=30).call(method, params)
+        except RuntimeError as refused:
+            raise StackError(f"the chain refused {refused}") from None
 
     def host_wallet_wei(self) -> int:
         """What the host wallet holds on the stack's chain (latest block)."""
