@@ -72,15 +72,17 @@ class StandInServer(Harness):
         return 0
 
     def stop(self) -> None:
-        """Release hanging requests, stop serving and free the port."""
-        self._released.set()
+        """Stop serving, free the port, then release hanging requests."""
         server, thread, self._server, self._thread = self._server, self._thread, None, None
-        if server is None:
-            return
-        # The serving loop closes its own sockets: closed from here, under its poll, it would fail.
-        closed = threading.Event()
-        server.trigger.pull_trigger(lambda: (_close_sockets(server), closed.set()))
-        closed.wait(timeout=5)
+        if server is not None:
+            # The serving loop closes its own sockets: closed from here, under its poll, it would fail.
+            closed = threading.Event()
+            try:
+                server.trigger.pull_trigger(lambda: (_close_sockets(server), closed.set()))
+            except OSError:  # its wake-up pipe is closed: the loop has already ended and closed them
+                closed.set()
+            closed.wait(timeout=5)
+        self._released.set()
         if thread is not None:
             thread.join(timeout=5)
 
