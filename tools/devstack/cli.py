@@ -47,8 +47,10 @@ def show_status(stack: Stack, _args) -> int:
         queued = {queue: len(tasks) for queue, tasks in stack.queued_tasks().items() if tasks}
         print(f"queued tasks: {json.dumps(queued) if queued else 'none'}")
     if stack.pid("chain"):
-        print(f"chain: {stack.chain_info()['rpc_url']}, host wallet {stack.chain_info()['host_address']} holds "
-              f"{Decimal(stack.host_wallet_wei()).scaleb(-18):.6f} ETH (tools/dev fund --eth N tops it up)")
+        chain = stack.chain_info()
+        print(f"chain: {chain['rpc_url']}, host wallet {chain['host_address']} holds "
+              f"{Decimal(stack.host_wallet_wei(chain['host_address'])).scaleb(-18):.6f} ETH "
+              "(tools/dev fund --eth N tops it up)")
     healthy = all(row["pid"] and row["health"] in ("healthy", "accepting") for row in rows)
     return 0 if healthy else 1
 

@@ -42,6 +42,11 @@ class _Tracking:
 
     touched: set
 
+    def __init__(self, *args, **kwargs):
+        self.touched = set()
+        super().__init__(*args, **kwargs)
+        self.touched = set()  # storing the initial contents is not a change
+
     def __getitem__(self, key):
         self.touched.add(key)
         return super().__getitem__(key)
@@ -90,19 +95,9 @@ class _Tracking:
 class TrackedDict(_Tracking, dict):
     """A dict that knows which of its keys may have changed (_Tracking)."""
 
-    def __init__(self, *args, **kwargs):
-        self.touched = set()
-        super().__init__(*args, **kwargs)
-        self.touched = set()
-
 
 class TrackedDefaultDict(_Tracking, defaultdict):
     """A defaultdict that knows which of its keys may have changed (_Tracking)."""
-
-    def __init__(self, *args, **kwargs):
-        self.touched = set()
-        super().__init__(*args, **kwargs)
-        self.touched = set()
 
 
 class SavedState:

@@ -80,7 +80,7 @@ class Settlement:
         deposits = [transfer for transfer in self._transfers(first, last) if transfer[1] is not None]
         if not deposits:
             return 0
-        waiting = self._waiting_exchanges()
+        waiting = self.waiting.current()
         settled = 0
         for address, currency, amount in deposits:
             exchange_id = waiting.get((address, currency))
@@ -107,10 +107,6 @@ class Settlement:
     def _pending_nonce(self) -> int:
         """The funder's next nonce, as the chain counts it."""
         return int(self._call("eth_getTransactionCount", [self.funder.address, "pending"]), 16)
-
-    def _waiting_exchanges(self) -> dict[tuple[str, str], str]:
-        """(payin address, currency) -> id of every exchange still waiting for its deposit."""
-        return self.waiting.current()
 
     def _settle(self, exchange_id: str, amount: Decimal) -> None:
         """Credit the deposit, pay amountTo out, then finish the exchange with the payout's hash.

@@ -258,16 +258,22 @@ class Stack:
         """What the chain process published: RPC URL, funder, host wallet, token contracts."""
         return json.loads(self.path("chain", "info.json").read_text())
 
+    @cached_property
+    def _chain_rpc(self) -> ChainRpc:
+        """One kept connection to the chain for this Stack's calls (its port never changes)."""
+        return ChainRpc(self.chain_info()["rpc_url"], timeout_s=30)
+
     def chain_call(self, method: str, params: list):
         """One JSON-RPC call to the stack's chain; its result, or StackError with the node's message."""
         try:
-            return ChainRpc(self.chain_info()["rpc_url"], timeout_s=30).call(method, params)
+            return self._chain_rpc.call(method, params)
         except RuntimeError as refused:
             raise StackError(f"the chain refused {refused}") from None
 
-    def host_wallet_wei(self) -> int:
+    def host_wallet_wei(self, host_address: str | None = None) -> int:
         """What the host wallet holds on the stack's chain (latest block)."""
-        return int(self.chain_call("eth_getBalance", [self.chain_info()["host_address"], "latest"]), 16)
+        address = host_address or self.chain_info()["host_address"]
+        return int(self.chain_call("eth_getBalance", [address, "latest"]), 16)
 
     def fund_host_wallet(self, eth: Decimal) -> tuple[int, int]:
         """Send `eth` ETH from the chain's funder to the host wallet; (wei before, wei after).
@@ -279,13 +285,13 @@ class Stack:
         if self.pid("chain") is None:
             raise StackError("the chain is not running: tools/dev up first")
         info = self.chain_info()
-        before = self.host_wallet_wei()
+        before = self.host_wallet_wei(info["host_address"])
         tx_hash = self.chain_call("eth_sendTransaction", [{"from": info["funder"], "to": info["host_address"],
                                                           "value": hex(wei)}])
         receipt = self.chain_call("eth_getTransactionReceipt", [tx_hash])
         if not receipt or int(receipt["status"], 16) != 1:
             raise StackError(f"the funding transfer {tx_hash} failed")
-        return before, self.host_wallet_wei()
+        return before, self.host_wallet_wei(info["host_address"])
 
     def local_values(self) -> dict[str, str]:
         """Every value the stack can give a service, by the name services declare it under."""
